@@ -1,0 +1,5 @@
+import sys
+
+from avg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""``avg <step> ...``: the command line every front door (Snakemake, DVC, a person) goes through.
+
+Each step module in :mod:`avg.steps` declares ``STEP`` (its params key), ``add_arguments`` and
+``run(args, cfg, log, run_id)``. The CLI reads and validates the step's params slice, opens a Sacred
+run (:mod:`avg.tracking`) and calls ``run`` inside it.
+
+Params come either from a file (``--params params/features.yaml``, what DVC runs) or as JSON
+(``--params-json '{...}'``, what Snakemake passes: the slice after ``--configfile`` overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import pkgutil
+import sys
+from pathlib import Path
+
+from avg import params as params_mod
+from avg.errors import UserError
+
+log = logging.getLogger("avg")
+
+
+def _step_modules() -> dict[str, object]:
+    import avg.steps
+
+    mods = {}
+    for info in pkgutil.iter_modules(avg.steps.__path__):
+        if not info.name.startswith("_"):
+            mod = importlib.import_module(f"avg.steps.{info.name}")
+            mods[info.name] = mod
+    return mods
+
+
+def _load_cfg(args, step: str) -> dict:
+    if args.params_json is not None:
+        try:
+            cfg = json.loads(args.params_json)
+        except json.JSONDecodeError as exc:
+            raise params_mod.ParamsError(f"--params-json is not valid JSON: {exc}") from None
+        return params_mod.validate(step, cfg, "--params-json (from params/%s.yaml via Snakemake)" % step)
+    return params_mod.load_file(args.params or Path("params") / f"{step}.yaml", step)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avg", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
+    for name, mod in _step_modules().items():
+        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().split("\n")[0],
+                           description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--params", type=Path, default=None,
+                         help=f"params file (default params/{mod.STEP}.yaml)")
+        src.add_argument("--params-json", default=None, help="the params slice as JSON (Snakemake passes this)")
+        p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="Sacred FileStorageObserver root")
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    try:
+        from avg import search
+    except ImportError:  # the search command arrives with the generative model
+        search = None
+    if search is not None:
+        p = sub.add_parser("search", help="retrieve images for a text query with a trained checkpoint")
+        search.add_arguments(p)
+        p.set_defaults(_command=search.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "_command", None) is not None:
+        return args._command(args)
+    mod = args._module
+    try:
+        cfg = _load_cfg(args, mod.STEP)
+    except params_mod.ParamsError as exc:
+        print(f"avg {args.command}: {exc}", file=sys.stderr)
+        return 2
+    from avg import tracking
+
+    paths = mod.sacred_config(args) if hasattr(mod, "sacred_config") else {
+        k: str(v) for k, v in vars(args).items() if isinstance(v, Path) and k != "runs_dir"}
+    config = {mod.STEP: cfg, "paths": paths}
+    try:
+        run_id, metrics = tracking.run_step(args.command, config, lambda lg, rid: mod.run(args, cfg, lg, rid),
+                                            runs_dir=args.runs_dir)
+    except UserError as exc:
+        print(f"avg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("%s finished (sacred run %s): %s", args.command, run_id,
+             json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, default=str)[:400])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

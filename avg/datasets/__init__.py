@@ -1,0 +1,20 @@
+"""Dataset sources for the download step.
+
+Each source module exposes ``prepare(cfg, raw_dir, cache_dir, log) -> stats`` and leaves
+``raw_dir/captions.csv`` (image, caption, split; image = path relative to ``raw_dir``) and the images
+under ``raw_dir/images/``. ``cfg`` is the source's own sub-slice of the ``data`` params.
+"""
+from __future__ import annotations
+
+import importlib
+
+SOURCES = ("tuxpaint", "folder", "flickr30k", "coco")
+
+
+def source_module(name: str):
+    if name not in SOURCES:
+        from avg.errors import UserError
+
+        raise UserError(f"unknown dataset source {name!r} in params/data.yaml key data.source; "
+                        f"choose one of {', '.join(SOURCES)}")
+    return importlib.import_module(f"avg.datasets.{name}")

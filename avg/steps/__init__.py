@@ -1,0 +1,1 @@
+"""Pipeline steps: one module per step, discovered by avg.cli."""

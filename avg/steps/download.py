@@ -1,0 +1,40 @@
+"""download: fetch a dataset, verify it, normalise it to raw/captions.csv (image, caption, split) + raw/images/.
+
+The source is ``data.source`` in params/data.yaml: tuxpaint (embedded default), folder (your own
+captions.csv), flickr30k or coco (Karpathy splits).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+from pathlib import Path
+
+from avg import io
+from avg.datasets import source_module
+
+STEP = "data"
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="raw dataset folder, e.g. data/tuxpaint/raw")
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="downloaded archives (kept across runs)")
+
+
+def run(args, cfg: dict, log, run_id: str) -> dict:
+    mod = source_module(cfg["source"])
+    sub = cfg.get(cfg["source"], {})
+    kwargs = {"split_cfg": cfg["split"]} if "split_cfg" in inspect.signature(mod.prepare).parameters else {}
+    out = Path(args.out)
+    # captions.csv is rewritten last by every source, and meta.json after it: a run killed midway
+    # leaves no meta.json, so the output never looks complete.
+    (out / "meta.json").unlink(missing_ok=True)
+    stats = mod.prepare(sub, out, Path(args.cache), log, **kwargs)
+    for split, counts in stats["splits"].items():
+        for what, n in counts.items():
+            log(f"{split}.{what}", n, None)
+    stats.update({"dataset": cfg["name"], "sacred_run_id": run_id})
+    io.write_json(out / "meta.json", stats)
+    logger.info("dataset %s: %s", cfg["name"], stats["splits"])
+    return stats

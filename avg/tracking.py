@@ -1,0 +1,77 @@
+"""The one place that builds Sacred experiments (design.md §4).
+
+Every step that computes something runs inside :func:`run_step`: Sacred records the step's params
+slice (plus the paths it read and wrote) as its config, the git commit and dirty flag, host, start and
+stop times, per-epoch figures through ``log_scalar`` and the step's final metrics as its result.
+
+Observers: a FileStorageObserver under ``<runs_dir>/<step>/`` always; a MongoObserver as well when
+``AVG_SACRED_MONGO_URL`` is set (database name from ``AVG_SACRED_MONGO_DB``, default ``avg``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+LogFn = Callable[[str, float, "int | None"], None]
+logger = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    """Sacred stores config and results as JSON; NaN/inf become strings rather than failing."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def build_experiment(step: str, runs_dir: str | os.PathLike):
+    """A Sacred Experiment named after the step, with its observers attached."""
+    from sacred import Experiment, SETTINGS
+    from sacred.observers import FileStorageObserver
+
+    # Capture through sys so tqdm/logging keep working in the terminal while Sacred records them.
+    SETTINGS.CAPTURE_MODE = "sys"
+    ex = Experiment(f"avg.{step}", save_git_info=True)
+    ex.logger = logging.getLogger(f"sacred.avg.{step}")
+    ex.observers.append(FileStorageObserver(str(Path(runs_dir) / step)))
+    mongo_url = os.environ.get("AVG_SACRED_MONGO_URL")
+    if mongo_url:
+        from sacred.observers import MongoObserver
+
+        ex.observers.append(MongoObserver(url=mongo_url, db_name=os.environ.get("AVG_SACRED_MONGO_DB", "avg")))
+    return ex
+
+
+def run_step(step: str, config: dict, fn: Callable[[LogFn, str], dict], runs_dir: str | os.PathLike = "runs") -> tuple[str, dict]:
+    """Run ``fn(log, run_id)`` as one Sacred run; return ``(run_id, metrics)``.
+
+    ``run_id`` is ``<step>/<sacred id>``, the name every output's metadata records so a report can
+    trace each number to the run that produced it.
+    """
+    ex = build_experiment(step, runs_dir)
+    ex.add_config(_jsonable(config))
+    outcome: dict[str, Any] = {}
+
+    @ex.main
+    def _main(_run):
+        run_id = f"{step}/{_run._id}"
+
+        def log(name: str, value: float, step_: int | None = None) -> None:
+            _run.log_scalar(name, float(value), step_)
+
+        metrics = fn(log, run_id)
+        outcome["run_id"], outcome["metrics"] = run_id, metrics
+        return _jsonable(metrics)
+
+    ex.run(options={"--loglevel": "WARNING"})
+    return outcome["run_id"], outcome["metrics"]
