@@ -187,7 +187,9 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict
     if not deb.exists():
         raise UserError(f"{deb} (data.tuxpaint.deb in params/data.yaml) does not exist")
     digest = sha256_of(deb)
-    expected = cfg.get("sha256") or apt_sha256(version)
+    # A downloaded .deb is checked against apt's recorded hash; a local one only against data.tuxpaint.sha256,
+    # since apt's lists may describe another version than the file the user brought.
+    expected = cfg.get("sha256") or (None if cfg.get("deb") else apt_sha256(version))
     if expected and digest != expected:
         raise UserError(f"{deb} has SHA256 {digest}, expected {expected} (from "
                         f"{'data.tuxpaint.sha256' if cfg.get('sha256') else 'apt-cache show'}): delete the file and rerun")

@@ -1,0 +1,82 @@
+"""Every params file validates; a wrong type, an unknown key or an out-of-range value names file, key and what is allowed."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avg import params
+from avg.cli import main
+from conftest import REPO
+
+
+@pytest.mark.parametrize("step", params.known_steps())
+def test_committed_params_files_are_valid(step):
+    path = REPO / "params" / f"{step}.yaml"
+    assert path.exists(), f"schema avg/schemas/{step}.schema.json has no params/{step}.yaml"
+    params.load_file(path, step)
+
+
+def test_every_params_file_has_a_schema_and_comments():
+    for path in (REPO / "params").glob("*.yaml"):
+        step = path.stem
+        assert step in params.known_steps(), path
+        text = path.read_text()
+        keys = [l for l in text.splitlines() if l.strip() and not l.strip().startswith("#") and ":" in l]
+        comments = [l for l in text.splitlines() if "#" in l]
+        assert len(comments) >= len(keys) // 2, f"{path}: keys need comments saying what they do"
+
+
+def _bad(step, mutate):
+    cfg = params.load_file(REPO / "params" / f"{step}.yaml", step)
+    mutate(cfg)
+    with pytest.raises(params.ParamsError) as err:
+        params.validate(step, cfg, f"params/{step}.yaml")
+    return str(err.value)
+
+
+def test_wrong_type_names_file_key_and_allowed():
+    msg = _bad("evaluate", lambda c: c.update(depth="ten"))
+    assert "params/evaluate.yaml" in msg and "evaluate.depth" in msg and "integer" in msg
+
+
+def test_unknown_key_lists_allowed_keys():
+    msg = _bad("features", lambda c: c.update(batchsize=3))
+    assert "features" in msg and "'batchsize' was unexpected" in msg and "batch_size" in msg
+
+
+def test_out_of_range_value():
+    msg = _bad("data", lambda c: c["split"].update(val_fraction=1.5))
+    assert "data.split.val_fraction = 1.5" in msg and "< 1" in msg
+
+
+def test_enum_value_lists_choices():
+    msg = _bad("data", lambda c: c.update(source="imagenet"))
+    assert "data.source" in msg and "tuxpaint" in msg and "folder" in msg
+
+
+def test_file_with_wrong_top_level_key(tmp_path):
+    p = tmp_path / "evaluate.yaml"
+    p.write_text(yaml.safe_dump({"evaluation": {}}))
+    with pytest.raises(params.ParamsError, match="one top-level key 'evaluate'"):
+        params.load_file(p, "evaluate")
+
+
+def test_cli_rejects_bad_params_with_exit_2(tmp_path, capsys):
+    cfg = params.load_file(REPO / "params" / "evaluate.yaml", "evaluate")
+    cfg["ks"] = [0]
+    p = tmp_path / "evaluate.yaml"
+    p.write_text(yaml.safe_dump({"evaluate": cfg}))
+    rc = main(["evaluate", "--params", str(p), "--features", str(tmp_path), "--out", str(tmp_path), "--method", "dense",
+               "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "evaluate.ks.0" in err and ">= 1" in err
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_merged_config_validation_reports_every_step():
+    config = {s: params.load_file(REPO / "params" / f"{s}.yaml", s) for s in ("data", "evaluate")}
+    config["evaluate"]["split"] = "holdout"
+    with pytest.raises(params.ParamsError) as err:
+        params.validate_config(config, ["data", "evaluate", "features"])
+    msg = str(err.value)
+    assert "evaluate.split" in msg and "missing top-level key 'features'" in msg

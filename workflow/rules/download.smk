@@ -1,0 +1,12 @@
+rule download:
+    """Fetch the dataset named in params/data.yaml and normalise it to raw/captions.csv + raw/images/."""
+    output:
+        directory(f"{DATA}/raw"),
+    params:
+        cfg=cfg_json("data"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "avg download --params-json {params.cfg:q} --out {output}"

@@ -1,0 +1,15 @@
+rule features:
+    """Image and text embeddings in one space (offline encoder or CLIP) for every image and caption."""
+    input:
+        f"{DATA}/raw",
+    output:
+        directory(f"{DATA}/features"),
+    params:
+        cfg=cfg_json("features"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if config["features"]["device"].startswith("cuda") else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} avg features --params-json {params.cfg:q} --raw {input} --out {output}"
