@@ -36,8 +36,12 @@ def _jsonable(value: Any) -> Any:
 
 def build_experiment(step: str, runs_dir: str | os.PathLike):
     """A Sacred Experiment named after the step, with its observers attached."""
-    from sacred import Experiment, SETTINGS
-    from sacred.observers import FileStorageObserver
+    import warnings
+
+    with warnings.catch_warnings():  # sacred 0.8.7 imports the deprecated pkg_resources
+        warnings.simplefilter("ignore", UserWarning)
+        from sacred import Experiment, SETTINGS
+        from sacred.observers import FileStorageObserver
 
     # Capture through sys so tqdm/logging keep working in the terminal while Sacred records them.
     SETTINGS.CAPTURE_MODE = "sys"

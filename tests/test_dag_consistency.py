@@ -1,0 +1,85 @@
+"""The Snakemake workflow and dvc.yaml describe the same DAG: same steps, same data in and out, same command."""
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def copy_project(dst: Path) -> Path:
+    for name in ("workflow", "params", ".dvc", "dvc.yaml", ".dvcignore"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
+    if (dst / ".dvc" / "tmp").exists():
+        shutil.rmtree(dst / ".dvc" / "tmp")
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)  # DVC wants its repo inside git
+    return dst
+
+
+def snakemake_jobs(workdir: Path) -> dict[str, dict]:
+    """rule -> {input, output, cmd} from a forced dry run (the job blocks Snakemake prints)."""
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "1"],
+                         cwd=workdir, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs: dict[str, dict] = {}
+    current = None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("rule ") or line.startswith("localrule "):
+            current = jobs.setdefault(line.split()[1].rstrip(":"), {"input": set(), "output": set(), "cmd": None})
+        elif current is not None and line.startswith("    input: "):
+            current["input"] = {p.strip() for p in line.split(":", 1)[1].split(",")}
+        elif current is not None and line.startswith("    output: "):
+            current["output"] = {p.strip() for p in line.split(":", 1)[1].split(",")}
+        elif current is not None and line.startswith("Shell command: "):
+            current["cmd"] = line.removeprefix("Shell command: ").strip()
+    jobs.pop("all", None)
+    return jobs
+
+
+def dvc_stages(workdir: Path) -> dict[str, dict]:
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        return {s.name: {"deps": {str(d.def_path) for d in s.deps}, "outs": {str(o.def_path) for o in s.outs},
+                         "cmd": s.cmd} for s in repo.index.stages}
+
+
+def normalise_cmd(cmd: str) -> list[str]:
+    """Drop what legitimately differs: how params are passed, thread env; keep subcommand and paths."""
+    tokens = [t for t in shlex.split(cmd) if not t.startswith("OMP_NUM_THREADS=")]
+    out, skip = [], False
+    for t in tokens:
+        if skip:
+            skip = False
+            continue
+        if t in ("--params", "--params-json"):
+            skip = True
+            continue
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["tuxpaint", "other"])
+def test_snakemake_and_dvc_agree(tmp_path, dataset):
+    work = copy_project(tmp_path)
+    # another dataset name moves every path: both front doors must follow it
+    (work / "params" / "data.yaml").write_text((work / "params" / "data.yaml").read_text()
+                                                .replace("name: tuxpaint", f"name: {dataset}"))
+    jobs, stages = snakemake_jobs(work), dvc_stages(work)
+    assert any(f"data/{dataset}/" in o for j in jobs.values() for o in j["output"])
+    assert set(jobs) == set(stages), (set(jobs) ^ set(stages))
+    for name, job in jobs.items():
+        st = stages[name]
+        assert job["output"] == st["outs"], name
+        data_deps = {d for d in st["deps"] if d.startswith("data/")}
+        assert job["input"] == data_deps, name
+        assert all(not d.startswith("data/") or d in job["input"] for d in st["deps"])
+        assert normalise_cmd(job["cmd"]) == normalise_cmd(st["cmd"]), name
+        step_params = [d for d in st["deps"] if d.startswith("params/")]
+        assert len(step_params) == 1, f"{name}: one params file per stage"
