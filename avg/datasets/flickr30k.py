@@ -56,6 +56,7 @@ def image_archive(cfg: dict, cache_dir: Path) -> str:
     for name in IMAGE_ARCHIVE_NAMES:
         if (Path(cache_dir) / name).is_file():
             return str(Path(cache_dir) / name)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)  # ready for the user to drop the archive in
     raise UserError(
         "Flickr30K images have no public download URL (data.flickr30k.images_url is null). Request the "
         f"archive from the authors at {REQUEST_URL}, then either set data.flickr30k.images_url in "

@@ -262,15 +262,13 @@ def _key_hint(key: str | None, also: str = "or set") -> str:
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost reason (``Connection refused``, ``Name or service not known``) without urllib3's noise."""
-    seen = exc
-    while seen.__context__ is not None or seen.__cause__ is not None:
-        nxt = seen.__cause__ or seen.__context__
-        if nxt is seen:
-            break
+    seen, visited = exc, {id(exc)}
+    while (nxt := seen.__cause__ or seen.__context__) is not None and id(nxt) not in visited:
+        visited.add(id(nxt))
         seen = nxt
     for candidate in (exc, seen):
         text = str(candidate)
-        match = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
+        match = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
         if match:
             return match.group(1).strip()
     text = str(seen) or type(seen).__name__
@@ -385,7 +383,7 @@ def _write_hash_cache(path: Path, hashes: dict) -> None:
 Select = Callable[[str], "str | None"]
 
 
-def extract(archive: Path, out_dir: Path, select: Select | None = None) -> list[str]:
+def extract(archive: Path, out_dir: Path, select: Select | None = None, progress: bool = True) -> list[str]:
     """Unpack the regular files of a .zip or .tar(.gz/.bz2/.xz) into ``out_dir``.
 
     ``select(member_name)`` returns the relative path to write the member to, or None to skip it
@@ -400,9 +398,9 @@ def extract(archive: Path, out_dir: Path, select: Select | None = None) -> list[
     select = select or (lambda name: name)
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, out_dir, select)
+            return _extract_zip(archive, out_dir, select, progress)
         if _is_tar(archive):
-            return _extract_tar(archive, out_dir, select)
+            return _extract_tar(archive, out_dir, select, progress)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
             struct.error, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
@@ -446,13 +444,14 @@ def _target(out_dir: Path, archive: Path, rel: str) -> Path:
     return out_dir.joinpath(*clean.parts)
 
 
-def _extract_zip(archive: Path, out_dir: Path, select: Select) -> list[str]:
+def _extract_zip(archive: Path, out_dir: Path, select: Select, progress: bool) -> list[str]:
     written = []
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:  # refuse before writing anything
             safe_member_path(info.filename)
-        for info in infos:
+        for info in tqdm(infos, desc=f"unpack {archive.name}"[:30], unit="file", disable=not progress,
+                         mininterval=1.0):
             if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
                 continue
             rel = select(info.filename)
@@ -466,11 +465,12 @@ def _extract_zip(archive: Path, out_dir: Path, select: Select) -> list[str]:
     return written
 
 
-def _extract_tar(archive: Path, out_dir: Path, select: Select) -> list[str]:
+def _extract_tar(archive: Path, out_dir: Path, select: Select, progress: bool) -> list[str]:
     written = []
     # streaming mode ("r|*"): one pass over a .tar.gz, no seeking back per member
     with tarfile.open(archive, "r|*") as tf:
-        for member in tf:
+        for member in tqdm(tf, desc=f"unpack {archive.name}"[:30], unit="file", disable=not progress,
+                           mininterval=1.0):
             safe_member_path(member.name)
             if member.issym() or member.islnk():
                 # never extracted, but a link aimed outside marks the archive as hostile

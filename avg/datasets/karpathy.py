@@ -188,7 +188,7 @@ def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:
     return None
 
 
-def extract_images(archives: list[Path], wanted: set[str], images_dir: Path) -> dict:
+def extract_images(archives: list[Path], wanted: set[str], images_dir: Path, progress: bool = True) -> dict:
     """Extract the members whose base name is in ``wanted`` from ``archives`` into ``images_dir`` (flat),
     atomically: the folder appears complete or not at all."""
     found: set[str] = set()
@@ -205,7 +205,7 @@ def extract_images(archives: list[Path], wanted: set[str], images_dir: Path) -> 
         for archive in archives:
             before = len(found)
             logger.info("extracting %s", archive.name)
-            http.extract(archive, tmp, select)
+            http.extract(archive, tmp, select, progress)
             per_archive[archive.name] = len(found) - before
         missing = sorted(wanted - found)
         if missing:
@@ -232,7 +232,8 @@ def prepare_karpathy(name: str, cfg: dict, member: str, image_archives: list[tup
     frame = limit_images(frame, cfg["max_images"])
     files += [fetch_archive(url, cache_dir, cfg, key, sha, md5, progress) for url, key, sha, md5 in image_archives]
     raw_dir.mkdir(parents=True, exist_ok=True)
-    per_archive = extract_images([Path(f.path) for f in files[1:]], set(frame["filename"]), raw_dir / "images")
+    per_archive = extract_images([Path(f.path) for f in files[1:]], set(frame["filename"]), raw_dir / "images",
+                                 progress)
     table = frame.assign(image="images/" + frame["filename"])
     tbl.write_captions(raw_dir, table)
     return {
