@@ -59,10 +59,13 @@ def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.
 def encode_clip(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
     from avg.encoders.clip import ClipEncoder
 
-    enc = ClipEncoder(cfg["encoder"].split(":", 1)[1], device=cfg["device"], precision=cfg["precision"])
+    try:
+        enc = ClipEncoder(cfg["encoder"].split(":", 1)[1], device=cfg["device"], precision=cfg["precision"])
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
     image_emb = enc.encode_images([raw_dir / p for p in images["image"]], batch_size=cfg["batch_size"])
     text_emb = enc.encode_texts(list(captions["caption"]), batch_size=cfg["text_batch_size"])
-    return image_emb, text_emb, {}
+    return image_emb, text_emb, {"clip": enc.describe()}
 
 
 def _device(cfg: dict):

@@ -1,0 +1,58 @@
+"""The features step end to end through the CLI, on the CLIP path with a tiny CLIPModel saved locally."""
+import json
+
+import numpy as np
+import pytest
+
+from avg import featurestore, params
+from avg.cli import main
+from avg.datasets import folder
+from conftest import REPO, make_folder_dataset
+from helpers_tiny_models import make_tiny_clip
+
+
+@pytest.fixture
+def raw(tmp_path):
+    root = make_folder_dataset(tmp_path / "d", n_images=10, captions_per_image=2)
+    raw = tmp_path / "raw"
+    stats = folder.prepare({"path": str(root), "on_bad": "error"}, raw, tmp_path / "c", None,
+                           split_cfg={"seed": 0, "val_fraction": 0.2, "test_fraction": 0.2})
+    (raw / "meta.json").write_text(json.dumps(stats))
+    return raw
+
+
+def _cfg(encoder):
+    cfg = params.load_file(REPO / "params" / "features.yaml", "features")
+    cfg.update(encoder=encoder, device="cpu", batch_size=4, text_batch_size=8)
+    return cfg
+
+
+def test_features_step_with_local_clip(tmp_path, raw):
+    model = make_tiny_clip(tmp_path / "clip", seed=0)
+    rc = main(["features", "--params-json", json.dumps(_cfg(f"clip:{model}")), "--raw", str(raw),
+               "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    f = featurestore.load(tmp_path / "f")
+    assert f.image.shape == (10, 16) and f.text.shape == (20, 16)
+    assert np.allclose(np.linalg.norm(f.image, axis=1), 1, atol=1e-5)
+    # every caption row points at its own image's row
+    assert (f.images["image"].to_numpy()[f.captions["image_index"]] == f.captions["image"].to_numpy()).all()
+    test = f.split("test")
+    assert set(test.images["split"]) == {"test"} and len(test.captions) == 2 * len(test.images)
+    assert f.meta["sacred_run_id"] == "features/1" and f.meta["encoder"].startswith("clip:")
+
+
+def test_unloadable_clip_model_is_a_clear_error(tmp_path, raw, capsys):
+    rc = main(["features", "--params-json", json.dumps(_cfg(f"clip:{tmp_path / 'no-such-model'}")), "--raw", str(raw),
+               "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "features.encoder" in err
+    assert not (tmp_path / "f" / "meta.json").exists()
+
+
+def test_features_refuse_incomplete_download(tmp_path, raw):
+    (raw / "meta.json").unlink()
+    with pytest.raises(Exception, match="run the download step first"):
+        from avg.steps.features import corpus_tables
+
+        corpus_tables(raw)
