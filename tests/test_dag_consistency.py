@@ -51,8 +51,10 @@ def dvc_stages(workdir: Path) -> dict[str, dict]:
 
 
 def normalise_cmd(cmd: str) -> list[str]:
-    """Drop what legitimately differs: how params are passed, thread env; keep subcommand and paths."""
+    """Drop what legitimately differs: how params are passed, thread env, log piping; keep subcommand and paths."""
     tokens = [t for t in shlex.split(cmd) if not t.startswith("OMP_NUM_THREADS=")]
+    if "2>&1" in tokens:
+        tokens = tokens[:tokens.index("2>&1")]
     out, skip = [], False
     for t in tokens:
         if skip:

@@ -87,3 +87,20 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     sh(["snakemake", "--cores", "1"], work)
     assert sorted(os.listdir(work / "runs" / "evaluate")) [:3] == ["1", "2", "3"]
     assert sorted(os.listdir(work / "runs" / "features")) == ["1", "_sources"]
+
+    # DVC versions data: push to a local remote, lose the workspace copy and the cache, pull it back.
+    import shutil
+
+    sh(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], work)
+    sh(["dvc", "commit", "--force", "--quiet"], work)
+    sh(["dvc", "push"], work)
+    before = (d / "features" / "image.npy").read_bytes()
+    shutil.rmtree(d / "features")
+    shutil.rmtree(work / ".dvc" / "cache")
+    sh(["dvc", "pull"], work)
+    assert (d / "features" / "image.npy").read_bytes() == before
+    assert "up to date" in sh(["dvc", "status"], work)
+    # The known quirk (design.md §7): the checkout gave the features new times, so Snakemake wants the
+    # downstream rules again; `snakemake --touch` marks the restored outputs current without recomputing.
+    sh(["snakemake", "--touch", "--cores", "1"], work)
+    assert planned_jobs(work) == set()

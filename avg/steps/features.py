@@ -45,8 +45,9 @@ def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.
     from avg.alignment import fit_alignment
     from avg.encoders.offline import OfflineEncoder
 
-    off = cfg["offline"]
-    enc = OfflineEncoder(device=str(_device(cfg)), bridge_temperature=off["bridge_temperature"])
+    off = dict(cfg["offline"])
+    enc = OfflineEncoder(device=str(_device(cfg)), bridge_temperature=off.pop("bridge_temperature"),
+                         prompt=off.pop("prompt"), image_fit=off.pop("image_fit"))
     logits = enc.image_logits([raw_dir / p for p in images["image"]], batch_size=cfg["batch_size"])
     text = enc.encode_texts(list(captions["caption"]), batch_size=cfg["text_batch_size"])
     bridge = enc.bridge(logits)

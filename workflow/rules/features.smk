@@ -4,6 +4,8 @@ rule features:
         f"{DATA}/raw",
     output:
         directory(f"{DATA}/features"),
+    log:
+        f"logs/{DATASET}/features.log",
     params:
         cfg=cfg_json("features"),
     threads: workflow.cores
@@ -12,4 +14,4 @@ rule features:
         runtime=240,
         gpu=1 if config["features"]["device"].startswith("cuda") else 0,
     shell:
-        "OMP_NUM_THREADS={threads} avg features --params-json {params.cfg:q} --raw {input} --out {output}"
+        "OMP_NUM_THREADS={threads} avg features --params-json {params.cfg:q} --raw {input} --out {output} 2>&1 | tee {log}"

@@ -1,0 +1,1 @@
+"""Image/text encoders that put both modalities into one embedding space."""
