@@ -1,0 +1,349 @@
+"""report: comparison tables, figures and pages for people, from the evaluation results of one dataset.
+
+Inputs (all explicit, so the workflow reruns the report exactly when one of them changes):
+``--evals`` the evaluation jsons (``<method>.rankings.tsv`` beside each is read for example queries);
+``--identifiers`` identifier stats jsons (optional: a dense-only run has none); ``--runs`` the Sacred
+FileStorageObserver root, read only for the run ids the jsons name (their per-epoch curves, configs
+and git state); ``--bench`` the decoding benchmark (a json file, or a folder of them; optional);
+``--dataset-dir`` for the dataset's name and ``raw/`` images (thumbnails). A checkpoint named by an
+eval json (key ``checkpoint``) contributes its ``train.json`` (and that of its ``init_from``): training
+time, scheme, run ids, and the test-caption flag.
+
+Outputs under ``--out`` (e.g. reports/tuxpaint): ``comparison.md``, ``comparison.html`` (self-contained,
+works offline), ``recall_at_k.png``, ``training_curves.png``, ``codebook_utilisation.png``,
+``efficiency.png`` (every figure is always written; a placeholder says when its data is missing),
+``metrics.json`` (per-method summary for ``dvc metrics``) and ``plots/recall_at_k.csv`` (method, k,
+recall) + ``plots/utilisation.csv`` (scheme, level, utilisation) for ``dvc plots``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from avg import io
+from avg import report as R
+from avg.errors import UserError
+
+STEP = "report"
+logger = logging.getLogger(__name__)
+
+# Keys that say whether test captions (pseudo-queries) reached training, most explicit first.
+LEAK_KEYS = ("uses_test_captions", "test_captions_in_training", "pseudo_queries")
+FALSE_WORDS = {"", "0", "no", "none", "off", "false", "null", "disabled"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-dir", type=Path, required=True, help="dataset folder, e.g. data/tuxpaint (its raw/ "
+                   "holds the images shown as thumbnails; its name titles the report)")
+    p.add_argument("--evals", type=Path, nargs="+", required=True,
+                   help="evaluation jsons, e.g. data/tuxpaint/eval/dense.json data/tuxpaint/eval/avg-disc.json")
+    p.add_argument("--identifiers", type=Path, nargs="*", default=[],
+                   help="identifier stats jsons, e.g. data/tuxpaint/identifiers/*.json (none for a dense-only run)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="Sacred runs folder to read the named runs from (default: --runs-dir)")
+    p.add_argument("--bench", type=Path, default=None,
+                   help="decoding benchmark json, or a folder of them (e.g. reports/bench); optional")
+    p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/tuxpaint")
+
+
+def sacred_config(args) -> dict:
+    return {"dataset_dir": str(args.dataset_dir), "evals": [str(p) for p in args.evals],
+            "identifiers": [str(p) for p in args.identifiers], "runs": str(args.runs or args.runs_dir),
+            "bench": str(args.bench) if args.bench else None, "out": str(args.out)}
+
+
+# ---------------------------------------------------------------------- reading
+def read_json_input(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: run the step that writes it, or drop it from the report's inputs")
+    try:
+        doc = io.read_json(path)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc}): rerun the step that writes it") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{what} {path} must hold a JSON object")
+    return doc
+
+
+def read_rankings(eval_path: Path) -> pd.DataFrame | None:
+    path = eval_path.with_name(eval_path.name.removesuffix(".json") + ".rankings.tsv")
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    needed = {"caption_id", "caption", "gold", "ranked"}
+    return frame if needed <= set(frame.columns) else None
+
+
+def train_chain(checkpoint: str | None, notes: list[str]) -> list[dict]:
+    """train.json of the checkpoint and of each checkpoint it was initialised from, first stage first."""
+    chain: list[dict] = []
+    seen: set[str] = set()
+    current = checkpoint
+    while current and current not in seen and len(chain) < 8:
+        seen.add(current)
+        meta_path = Path(current) / "train.json"
+        if not meta_path.exists():
+            notes.append(f"checkpoint metadata {meta_path} not found: training time and runs of this stage unknown")
+            break
+        meta = io.read_json(meta_path)
+        meta["_path"] = str(meta_path)
+        chain.append(meta)
+        current = meta.get("init_from")
+    return chain[::-1]
+
+
+def leak_flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    if isinstance(value, str):
+        return value.strip().lower() not in FALSE_WORDS
+    if isinstance(value, dict):
+        for key in ("uses_test_captions", "enabled", "use", "test"):
+            if key in value:
+                return leak_flag(value[key])
+        return bool(value)
+    return bool(value)
+
+
+def _scopes(doc: dict, depth: int = 3):
+    """The dict and its nested dicts (a params slice nests its options a few levels deep)."""
+    yield doc
+    if depth > 0:
+        for v in doc.values():
+            if isinstance(v, dict):
+                yield from _scopes(v, depth - 1)
+
+
+def find_leakage(sources: list[tuple[str, dict]]) -> R.Leakage:
+    """First source (eval json, then each training stage's train.json and Sacred config) carrying a flag.
+
+    Any stage saying yes wins: one stage trained on test captions taints the checkpoint.
+    """
+    found: R.Leakage | None = None
+    for where, doc in sources:
+        for scope in _scopes(doc):
+            for key in LEAK_KEYS:
+                if key in scope and scope[key] is not None:
+                    flag = R.Leakage(leak_flag(scope[key]), f"{key}={json.dumps(scope[key], default=str)} in {where}")
+                    if flag.uses_test_captions:
+                        return flag
+                    found = found or flag
+    return found or R.Leakage()
+
+
+def load_run(runs_dir: Path, run_id: str, label: str) -> R.RunInfo:
+    info = R.RunInfo(run_id, label)
+    folder = runs_dir / run_id
+    for name in ("config", "run", "metrics"):
+        path = folder / f"{name}.json"
+        if path.exists():
+            try:
+                setattr(info, name, io.read_json(path))
+                info.found = True
+            except json.JSONDecodeError:
+                logger.warning("unreadable %s", path)
+    return info
+
+
+def run_seconds(info: R.RunInfo | None) -> float | None:
+    run = (info.run if info else None) or {}
+    try:
+        return (datetime.fromisoformat(run["stop_time"]) - datetime.fromisoformat(run["start_time"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_bench(path: Path | None, notes: list[str]) -> tuple[list[dict] | None, str | None]:
+    if path is None:
+        return None, None
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.exists() else []
+    if not files:
+        notes.append(f"No decoding benchmark at {path} (run `make bench`): the efficiency figure shows this run's "
+                     "evaluation points only.")
+        return None, None
+    records = []
+    for f in files:
+        try:
+            found = R.bench_records(io.read_json(f))
+        except json.JSONDecodeError:
+            found = []
+        if not found:
+            notes.append(f"{f} holds no record with a corpus size and a latency or QPS; not plotted.")
+        records += found
+    return (records or None), ", ".join(str(f) for f in files)
+
+
+def load_published(name: str | None) -> dict | None:
+    if name is None:
+        return None
+    doc = yaml.safe_load(resources.files("avg.resources").joinpath("published.yaml").read_text(encoding="utf-8"))
+    sets = doc.get("sets") or {}
+    if name not in sets:
+        raise UserError(f"report.published = {name!r}: avg/resources/published.yaml has no such set "
+                        f"(sets: {', '.join(sorted(sets))}); fix params/report.yaml or the experiment config")
+    chosen = sets[name] or {}
+    return {"name": chosen.get("title", name), "entries": chosen.get("entries") or [],
+            "omitted": chosen.get("omitted") or []}
+
+
+def image_loader(raw_dir: Path):
+    from PIL import Image
+
+    root = raw_dir.resolve()
+
+    def load(key: str):
+        path = (root / key).resolve()
+        if root not in path.parents or not path.is_file():
+            return None
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except (OSError, ValueError):
+            return None
+    return load
+
+
+# ---------------------------------------------------------------------- tracing one method
+def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
+    metrics = read_json_input(eval_path, "evaluation json")
+    name = str(metrics.get("method") or eval_path.name.removesuffix(".json"))
+    r = R.MethodResult(name, metrics, str(eval_path))
+    r.rankings = read_rankings(eval_path)
+    if r.rankings is None:
+        r.notes.append("no rankings file beside the eval json: left out of the example queries")
+    r.train_stages = train_chain(metrics.get("checkpoint"), r.notes) if metrics.get("checkpoint") else []
+    last = r.train_stages[-1] if r.train_stages else {}
+    ident_table = metrics.get("identifiers")
+    r.scheme = metrics.get("scheme") or last.get("scheme") or (
+        Path(ident_table).name.removesuffix(".tsv") if isinstance(ident_table, str) and ident_table.endswith(".tsv") else None)
+    if r.scheme:
+        r.identifier = schemes.get(r.scheme)
+        if r.identifier is None:
+            r.notes.append(f"no identifier stats for scheme {r.scheme!r} among --identifiers")
+        elif last.get("identifiers_run_id") and r.identifier.get("sacred_run_id") \
+                and last["identifiers_run_id"] != r.identifier["sacred_run_id"]:
+            r.notes.append(f"the checkpoint was trained on identifiers of run {last['identifiers_run_id']}, but the "
+                           f"stats shown are from run {r.identifier['sacred_run_id']}")
+    return r
+
+
+def method_runs(r: R.MethodResult) -> list[tuple[str, str]]:
+    """(run id, label) behind a row, evaluate first, then training (last stage first), identifiers, tokenizer, features."""
+    runs = [(r.metrics.get("sacred_run_id"), f"evaluate {r.name}")]
+    for st in reversed(r.train_stages):   # named by checkpoint folder: a generative run serves several rows
+        runs.append((st.get("sacred_run_id"), f"train {Path(st['_path']).parent.name} ({st.get('stage', 'stage')})"))
+    ident = r.identifier or {}
+    last = r.train_stages[-1] if r.train_stages else {}
+    runs.append((ident.get("sacred_run_id") or last.get("identifiers_run_id"), f"identifiers {r.scheme}"))
+    runs.append((ident.get("tokenizer_run_id"), f"tokenizer {r.scheme}"))
+    runs.append((r.metrics.get("features_run_id") or last.get("features_run_id"), "features"))
+    out, seen = [], set()
+    for run_id, label in runs:
+        if run_id and run_id not in seen:
+            seen.add(run_id)
+            out.append((str(run_id), label))
+    return out
+
+
+def training_time(r: R.MethodResult, runs: dict[str, R.RunInfo]) -> tuple[float | None, str]:
+    if not r.train_stages:
+        return None, ""
+    secs = [st.get("seconds") for st in r.train_stages]
+    if all(isinstance(s, (int, float)) for s in secs):
+        return float(sum(secs)), " + ".join(st["_path"] for st in r.train_stages)
+    fallback = [run_seconds(runs.get(st.get("sacred_run_id"))) for st in r.train_stages]
+    if all(s is not None for s in fallback):
+        r.notes.append("train time from the Sacred runs' start/stop times (train.json has no 'seconds')")
+        return float(sum(fallback)), "Sacred run.json start/stop of " + ", ".join(st.get("sacred_run_id", "?")
+                                                                              for st in r.train_stages)
+    return None, ""
+
+
+# ---------------------------------------------------------------------- run
+def collect(args, cfg: dict, run_id: str) -> R.ReportData:
+    notes: list[str] = []
+    schemes: dict[str, dict] = {}
+    for path in args.identifiers:
+        stats = read_json_input(Path(path), "identifier stats")
+        name = str(stats.get("scheme") or Path(path).name.removesuffix(".json"))
+        schemes[name] = stats
+    methods = []
+    for path in args.evals:
+        r = trace_method(Path(path), schemes)
+        if any(m.name == r.name for m in methods):
+            raise UserError(f"two evaluation jsons name the method {r.name!r} ({path}); pass each method once to --evals")
+        methods.append(r)
+
+    runs_dir = Path(args.runs or args.runs_dir)
+    runs: dict[str, R.RunInfo] = {}
+
+    def add_run(rid: str, label: str) -> None:
+        if rid not in runs:
+            runs[rid] = load_run(runs_dir, rid, label)
+
+    for r in methods:
+        pairs = method_runs(r)
+        r.runs = [rid for rid, _ in pairs]
+        for rid, label in pairs:
+            add_run(rid, label)
+    for name, stats in schemes.items():
+        for key, label in (("sacred_run_id", f"identifiers {name}"), ("tokenizer_run_id", f"tokenizer {name}")):
+            if stats.get(key):
+                add_run(str(stats[key]), label)
+    for r in methods:
+        r.train_seconds, r.train_seconds_source = training_time(r, runs)
+        sources = [(r.source, r.metrics)]
+        for st in r.train_stages:
+            sources.append((st["_path"], st))
+            info = runs.get(st.get("sacred_run_id"))
+            if info is not None and info.config:
+                sources.append((f"{runs_dir / st['sacred_run_id'] / 'config.json'}", info.config))
+        r.leakage = find_leakage(sources)
+    missing = [rid for rid, info in runs.items() if not info.found]
+    if missing:
+        notes.append(f"{len(missing)} Sacred run(s) named by the inputs are not under {runs_dir} "
+                     f"({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}): their curves and settings are absent.")
+
+    bench, bench_source = load_bench(args.bench, notes)
+    raw = Path(args.dataset_dir) / "raw"
+    if not raw.is_dir():
+        notes.append(f"{raw} not found: example thumbnails are shown as missing.")
+    return R.ReportData(dataset=Path(args.dataset_dir).name, methods=methods, schemes=schemes, runs=runs,
+                        bench=bench, bench_source=bench_source, published=load_published(cfg.get("published")),
+                        cfg=cfg, report_run_id=run_id, load_image=image_loader(raw) if raw.is_dir() else None,
+                        notes=notes)
+
+
+def write_report(out: Path, rep: R.Report) -> None:
+    for fname, png in rep.figures.items():
+        with io.atomic_path(out / fname, suffix=".png") as tmp:
+            tmp.write_bytes(png)
+    for rel, frame in rep.plot_tables.items():
+        io.write_csv(out / "plots" / rel, frame)
+    io.write_json(out / "metrics.json", rep.metrics)
+    io.write_text(out / "comparison.md", rep.markdown)
+    io.write_text(out / "comparison.html", rep.html)   # last: its presence marks a complete report
+
+
+def run(args, cfg: dict, log, run_id: str) -> dict:
+    data = collect(args, cfg, run_id)
+    rep = R.build(data)
+    out = Path(args.out)
+    write_report(out, rep)
+    logger.info("report for %s: %d method(s), %d scheme(s) -> %s", data.dataset, len(data.methods), len(data.schemes),
+                out / "comparison.html")
+    result: dict = {"n_methods": len(data.methods), "n_schemes": len(data.schemes),
+                    "any_uses_test_captions": any(r.leakage.uses_test_captions for r in data.methods)}
+    for name, vals in rep.metrics["methods"].items():
+        result.update({f"{name}.{k}": v for k, v in vals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return result
