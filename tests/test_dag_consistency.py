@@ -13,11 +13,13 @@ BIN = Path(sys.executable).parent
 
 
 def copy_project(dst: Path) -> Path:
-    for name in ("workflow", "params", ".dvc", "dvc.yaml", ".dvcignore"):
+    # avg/ is copied because dvc.yaml lists the code each stage runs as a dependency
+    for name in ("workflow", "params", "avg", ".dvc", "dvc.yaml", ".dvcignore", ".gitignore"):
         src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
-    if (dst / ".dvc" / "tmp").exists():
-        shutil.rmtree(dst / ".dvc" / "tmp")
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(src, dst / name)
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)  # DVC wants its repo inside git
     return dst
 
