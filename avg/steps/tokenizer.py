@@ -1,0 +1,80 @@
+"""tokenizer: train the residual-quantised autoencoder that turns an image embedding into vokens.
+
+``--scheme avg`` trains the paper's semantic tokenizer (reconstruction + caption alignment +
+codebook/commitment); ``--scheme rq`` trains the same network with the alignment weight forced to 0
+(visual only, IRGen-style). Training uses train-split images and their captions only; the epoch with
+the lowest validation loss is kept. Outputs under ``--out`` (e.g. data/<ds>/tokenizer/<scheme>/):
+``model.pt`` (config + weights: rebuilds itself), ``meta.json`` (sacred run id, best epoch, losses),
+``history.csv`` (one row per epoch: every loss term, per-level utilisation and perplexity).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from avg import featurestore, io
+from avg import tokenizer as tok
+from avg.errors import UserError
+
+STEP = "tokenizer"
+SCHEMES = ("rq", "avg")
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="feature store folder, e.g. data/tuxpaint/features")
+    p.add_argument("--scheme", required=True, help="rq (visual only: alignment weight 0) or avg (with caption alignment)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/tuxpaint/tokenizer/avg")
+
+
+def sacred_config(args) -> dict:
+    return {"features": str(args.features), "scheme": args.scheme, "out": str(args.out)}
+
+
+def split_arrays(feats: featurestore.Features, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image embeddings of one split, the mean embedding of each image's captions, and which images have any."""
+    part = feats.split(split)
+    t, has = tok.mean_caption_embeddings(len(part.image), part.text, part.captions["image_index"].to_numpy())
+    return part.image, t, has
+
+
+def run(args, cfg: dict, log, run_id: str) -> dict:
+    if args.scheme not in SCHEMES:
+        raise UserError(f"--scheme {args.scheme!r}: the tokenizer step trains {' or '.join(SCHEMES)} "
+                        "(atomic and kmeans identifiers need no tokenizer; see params/identifiers.yaml)")
+    feats = featurestore.load(args.features)
+    mc, tc = tok.configs_from_params(cfg, feats.image.shape[1])
+    from avg.device import resolve_device
+
+    tc.device = str(resolve_device(tc.device))
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    if args.scheme == "rq":
+        tc.align_weight = 0.0          # the only difference between the rq and avg tokenizers
+    train_x, train_t, train_has = split_arrays(feats, "train")
+    val_x, val_t, val_has = split_arrays(feats, "val")
+    if len(train_x) == 0:
+        raise UserError(f"{args.features} has no train-split images to train the tokenizer on")
+    logger.info("tokenizer %s: %d train / %d val images, L=%d K=%d shared=%s align=%s x %.2f", args.scheme,
+                len(train_x), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
+    result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(out / "model.pt", suffix=".pt") as tmp:
+        torch.save(result.model.cpu().checkpoint(), tmp)
+    io.write_csv(out / "history.csv", pd.DataFrame(result.history))
+    meta = {"sacred_run_id": run_id, "scheme": args.scheme, "features_run_id": feats.meta.get("sacred_run_id"),
+            "best_epoch": result.best_epoch, "epochs_run": len(result.history), "selection": result.metrics["selection"],
+            "n_train_images": int(len(train_x)), "n_val_images": int(len(val_x)),
+            "model_config": result.model.checkpoint()["config"], "train_config": asdict(tc),
+            "val_loss": [row.get("val.total") for row in result.history],
+            "best": {k: v for k, v in result.metrics.items() if k not in ("best_epoch", "epochs_run", "selection")}}
+    io.write_json(out / "meta.json", meta)
+    return {"scheme": args.scheme, **result.metrics}

@@ -1,0 +1,75 @@
+LEARNED = ("rq", "avg")  # schemes whose codes come from a trained tokenizer (the tokenizer step)
+
+
+rule tokenizer:
+    """Train the residual-quantised tokenizer of a learned scheme (rq: visual only; avg: with caption alignment)."""
+    input:
+        f"{DATA}/features",
+    output:
+        directory(f"{DATA}/tokenizer/{{scheme}}"),
+    wildcard_constraints:
+        scheme="|".join(LEARNED),
+    log:
+        f"logs/{DATASET}/tokenizer_{{scheme}}.log",
+    params:
+        cfg=cfg_json("tokenizer"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1 if config["tokenizer"]["device"].startswith("cuda") else 0,
+    shell:
+        "avg tokenizer --params-json {params.cfg:q} --features {input} --scheme {wildcards.scheme} --out {output} 2>&1 | tee {log}"
+
+
+def identifier_inputs(wildcards):
+    inputs = {"features": f"{DATA}/features"}
+    if wildcards.scheme in LEARNED:
+        inputs["tokenizer"] = f"{DATA}/tokenizer/{wildcards.scheme}"
+    return inputs
+
+
+rule identifiers:
+    """Give every image a unique identifier under a scheme with code vectors (kmeans, rq, avg)."""
+    input:
+        unpack(identifier_inputs),
+    output:
+        table=f"{DATA}/identifiers/{{scheme}}.tsv",
+        stats=f"{DATA}/identifiers/{{scheme}}.json",
+        codebook=f"{DATA}/identifiers/{{scheme}}.codebook.npy",
+    wildcard_constraints:
+        scheme="kmeans|rq|avg",
+    log:
+        f"logs/{DATASET}/identifiers_{{scheme}}.log",
+    params:
+        cfg=cfg_json("identifiers"),
+        tokenizer=lambda wildcards, input: f"--tokenizer {input.tokenizer}" if "tokenizer" in input.keys() else "",
+        outdir=lambda wildcards, output: os.path.dirname(output.table),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "avg identifiers --params-json {params.cfg:q} --features {input.features} --scheme {wildcards.scheme} "
+        "{params.tokenizer} --out {params.outdir} 2>&1 | tee {log}"
+
+
+rule identifiers_atomic:
+    """Random unique codes of the same shape: no semantics, the lower bound (no code vectors)."""
+    input:
+        features=f"{DATA}/features",
+    output:
+        table=f"{DATA}/identifiers/atomic.tsv",
+        stats=f"{DATA}/identifiers/atomic.json",
+    log:
+        f"logs/{DATASET}/identifiers_atomic.log",
+    params:
+        cfg=cfg_json("identifiers"),
+        outdir=lambda wildcards, output: os.path.dirname(output.table),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "avg identifiers --params-json {params.cfg:q} --features {input.features} --scheme atomic "
+        "--out {params.outdir} 2>&1 | tee {log}"
