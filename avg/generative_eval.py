@@ -1,0 +1,128 @@
+"""Generative retrieval evaluation: decode each query caption under a trie over the evaluated corpus.
+
+The corpus is the images of one split (the TEST images for reported numbers), each represented by its
+identifier; beam search constrained to their trie returns up to ``num_beams`` identifiers per caption,
+which map back to corpus images. Rankings therefore index ``features.split(split).images`` (the same
+corpus order as the dense baseline) and hold ``-1`` where the beam found fewer identifiers.
+
+The lead's evaluate step calls :func:`evaluate_generative` and writes ``eval/<method>.json`` and the
+rankings; the keys it needs from ``params/evaluate.yaml`` are ``split``, ``ks`` and ``generative``
+(:data:`DEFAULTS` lists the latter's keys).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from avg import featurestore
+from avg import metrics as M
+from avg.errors import UserError
+from avg.trie import read_identifiers
+
+logger = logging.getLogger(__name__)
+
+# evaluate.generative defaults (params/evaluate.yaml holds the values; these document and back-fill them)
+DEFAULTS = {
+    "num_beams": 10,         # beam size = ranking depth; >= max(ks) or Recall@K would under-count
+    "batch_size": 32,        # captions decoded together (QPS figure)
+    "latency_queries": 100,  # captions decoded one at a time for the latency figure
+    "max_queries": None,     # evaluate only the first N captions (null = all)
+    "device": "cpu",         # cpu | auto | cuda | cuda:N
+}
+
+
+def load_corpus_identifiers(identifiers_tsv: str | Path, images: pd.Series) -> np.ndarray:
+    """Identifier codes ``[n, L]`` of ``images`` (in that order) from a scheme's identifier table."""
+    table, codes, _, _ = read_identifiers(identifiers_tsv)
+    row_of = dict(zip(table["image"], range(len(table))))
+    missing = [im for im in images if im not in row_of]
+    if missing:
+        raise UserError(f"{len(missing)} corpus image(s) have no identifier in {identifiers_tsv} (e.g. {missing[0]}): "
+                        "the identifiers and features come from different runs")
+    return codes[[row_of[im] for im in images]]
+
+
+def _resolve_inputs(features, identifiers_tsv, split: str) -> tuple[list[str], np.ndarray, pd.Series]:
+    """(query captions, gold corpus index per caption, corpus image names) for ``split``."""
+    if isinstance(features, pd.DataFrame):
+        caps = features[features["split"] == split].reset_index(drop=True)
+        table, _, _, _ = read_identifiers(identifiers_tsv)
+        corpus = table.loc[table["split"] == split, "image"].reset_index(drop=True)
+        index_of = dict(zip(corpus, range(len(corpus))))
+        gold = np.asarray([index_of.get(im, -1) for im in caps["image"]], dtype=np.int64)
+        if (gold < 0).any():
+            raise UserError(f"{int((gold < 0).sum())} {split} caption(s) point at images outside the {split} corpus")
+        return caps["caption"].astype(str).tolist(), gold, corpus
+    feats = features if isinstance(features, featurestore.Features) else featurestore.load(features)
+    part = feats.split(split)
+    return part.captions["caption"].astype(str).tolist(), part.captions["image_index"].to_numpy(), part.images["image"]
+
+
+def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path, features, cfg: dict,
+                        log: Callable | None = None, split: str | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Recall@K, median rank, latency and QPS of constrained generative retrieval over one split.
+
+    ``features``: a :class:`~avg.featurestore.Features` (full or already ``.split(split)``), a feature
+    store folder, or a captions DataFrame (caption_id, image, caption, split; the corpus is then the
+    split's images in identifier-table order). ``cfg`` is the evaluate params slice (``split``, ``ks``,
+    ``generative: {...}``). Returns ``(metrics, rankings [n_queries, num_beams] of corpus indices
+    (-1 padded), scores [n_queries, num_beams] beam log-probabilities (-inf padded))``.
+    """
+    import torch
+
+    from avg.decode import retrieve, token_trie
+    from avg.device import resolve_device
+    from avg.model import VokenModel
+
+    g = {**DEFAULTS, **(cfg.get("generative") or {})}
+    split = split or cfg.get("split", "test")
+    ks = list(cfg.get("ks", (1, 5, 10)))
+    if max(ks) > g["num_beams"]:
+        raise UserError(f"evaluate.generative.num_beams ({g['num_beams']}) is below the largest of evaluate.ks "
+                        f"({max(ks)}): Recall@{max(ks)} would count gold images beyond the beam as misses; raise num_beams")
+    if checkpoint_dir is None or not Path(checkpoint_dir).exists():
+        raise UserError(f"checkpoint {checkpoint_dir} not found: run `avg train` first")
+    if identifiers_tsv is None:
+        raise UserError("generative evaluation needs --identifiers (the checkpoint's identifier table)")
+
+    captions, gold, corpus_images = _resolve_inputs(features, identifiers_tsv, split)
+    if g["max_queries"] is not None:
+        captions, gold = captions[:g["max_queries"]], gold[:g["max_queries"]]
+    if not captions:
+        raise UserError(f"split {split!r} has no captions to evaluate")
+    device = resolve_device(g["device"])
+    vm = VokenModel.load(checkpoint_dir, device=device)
+    codes = load_corpus_identifiers(identifiers_tsv, corpus_images)
+    t0 = time.perf_counter()
+    trie = token_trie(vm, codes, np.arange(len(codes)))      # payload = corpus index
+    trie_s = time.perf_counter() - t0
+
+    with torch.inference_mode():
+        retrieve(vm, captions[:2], trie, num_beams=g["num_beams"], batch_size=2)   # warm-up (lazy init, caches)
+        n_lat = min(g["latency_queries"], len(captions))
+        per_query = []
+        for c in captions[:n_lat]:
+            t = time.perf_counter()
+            retrieve(vm, [c], trie, num_beams=g["num_beams"], batch_size=1)
+            per_query.append(time.perf_counter() - t)
+        res = retrieve(vm, captions, trie, num_beams=g["num_beams"], batch_size=g["batch_size"])
+
+    metrics = M.retrieval_metrics(res.values, gold, ks)
+    found = (res.values >= 0).sum(axis=1)
+    metrics.update({
+        "latency_ms": 1000 * float(np.mean(per_query)), "latency_ms_median": 1000 * float(np.median(per_query)),
+        "qps": len(captions) / res.seconds if res.seconds > 0 else float("inf"), "timing_batch_size": g["batch_size"],
+        "num_beams": g["num_beams"], "n_corpus": int(len(codes)), "identifier_length": int(codes.shape[1]),
+        "trie_build_s": trie_s, "trie_bytes": trie.nbytes, "mean_results_per_query": float(found.mean()),
+        "device": str(device), "checkpoint": str(checkpoint_dir), "decoding": "beam search constrained by a trie over "
+        f"the {split} images' identifiers",
+    })
+    if log is not None:
+        for k in ks:
+            log(f"generative.recall@{k}", metrics[f"recall@{k}"], None)
+    return metrics, res.values, res.scores

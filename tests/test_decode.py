@@ -1,0 +1,106 @@
+"""Constrained beam search: only corpus identifiers come out, ranked by their sequence log-probability."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from avg.decode import TrieLogitsProcessor, retrieve, token_trie  # noqa: E402
+from avg.model import ModelConfig, build_model  # noqa: E402
+from avg.trie import prefix_allowed_tokens_fn  # noqa: E402
+
+SIZES = [5, 4, 6]
+TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+            encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+WORDS = ["red", "apple", "dog", "blue", "house", "a", "small", "lemon", "the", "tree"]
+
+
+@pytest.fixture(scope="module")
+def vm():
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(**TINY, shared_vokens=False, voken_init="random"), SIZES, seed=3)
+    model.model.eval()
+    return model
+
+
+def all_codes() -> np.ndarray:
+    return np.stack(np.meshgrid(*[np.arange(k) for k in SIZES], indexing="ij"), -1).reshape(-1, len(SIZES))
+
+
+@st.composite
+def corpora(draw):
+    codes = all_codes()
+    rows = draw(st.lists(st.integers(0, len(codes) - 1), min_size=1, max_size=30, unique=True))
+    caption = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6)))
+    beams = draw(st.integers(1, 12))
+    return codes[rows], caption, beams
+
+
+@settings(max_examples=25, deadline=None)
+@given(corpora())
+def test_decoding_only_returns_identifiers_of_the_trie_ranked(vm, case):
+    codes, caption, beams = case
+    trie = token_trie(vm, codes, values=np.arange(len(codes)))
+    res = retrieve(vm, [caption], trie, num_beams=beams)
+    vals, scores, toks = res.values[0], res.scores[0], res.tokens[0]
+    n_found = int((vals >= 0).sum())
+    assert n_found == min(beams, len(codes))                  # the beam fills up when the corpus allows it
+    assert (vals[:n_found] >= 0).all() and (vals[n_found:] == -1).all()   # padding only at the end
+    assert len(set(vals[:n_found].tolist())) == n_found       # no identifier twice
+    member = {tuple(r) for r in vm.spec.codes_to_tokens(codes).tolist()}
+    for v, t in zip(vals[:n_found], toks[:n_found]):
+        assert tuple(t.tolist()) in member                     # generated tokens are a corpus identifier ...
+        assert np.array_equal(vm.spec.tokens_to_codes(t), codes[v])   # ... and map back to the right image
+    assert np.all(np.diff(scores[:n_found]) <= 1e-6)          # best first
+    assert np.isneginf(scores[n_found:]).all()
+
+
+def test_beam_covering_the_corpus_is_exact_ranking(vm):
+    """With beams >= corpus size nothing is pruned: beam order == brute-force sequence log-prob order."""
+    rng = np.random.default_rng(0)
+    codes = all_codes()[rng.choice(len(all_codes()), 12, replace=False)]
+    trie = token_trie(vm, codes)
+    captions = ["a red apple", "the small dog"]
+    res = retrieve(vm, captions, trie, num_beams=12)
+    with torch.no_grad():
+        cands = torch.as_tensor(vm.spec.codes_to_tokens(codes))[None].repeat(2, 1, 1)
+        brute = vm.sequence_logprobs(vm.tokenize(captions), cands).numpy()
+    for i in range(2):
+        assert np.array_equal(res.values[i], np.argsort(-brute[i], kind="stable"))
+        np.testing.assert_allclose(res.scores[i], np.sort(brute[i])[::-1], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_decoding_equals_one_at_a_time(vm):
+    codes = all_codes()[::3]
+    trie = token_trie(vm, codes)
+    caps = ["a red apple", "dog", "the small blue house", "lemon tree"]
+    together = retrieve(vm, caps, trie, num_beams=5, batch_size=4)
+    single = [retrieve(vm, [c], trie, num_beams=5, batch_size=1) for c in caps]
+    assert np.array_equal(together.values, np.concatenate([s.values for s in single]))
+
+
+def test_genre_style_prefix_fn_agrees_with_the_processor(vm):
+    codes = all_codes()[::4]
+    trie = token_trie(vm, codes)
+    enc = vm.tokenize(["a small lemon"])
+    kw = dict(num_beams=4, num_return_sequences=4, max_new_tokens=3, length_penalty=0.0, do_sample=False)
+    with torch.no_grad():
+        a = vm.model.generate(**enc, logits_processor=[TrieLogitsProcessor(trie)], **kw)
+        b = vm.model.generate(**enc, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn(trie), **kw)
+    assert torch.equal(a, b)
+
+
+def test_unconstrained_decoding_can_leave_the_corpus(vm):
+    codes = all_codes()[:2]                                   # a tiny corpus: the free model rarely hits it
+    trie = token_trie(vm, codes)
+    free = retrieve(vm, ["a red apple"], trie, num_beams=6, constrained=False)
+    assert (free.tokens[0] >= 0).all()                        # it produced 6 full sequences ...
+    assert (free.values[0] == -1).sum() >= 4                  # ... most of them not identifiers of the corpus
+    bound = retrieve(vm, ["a red apple"], trie, num_beams=6)
+    assert sorted(bound.values[0][:2].tolist()) == [0, 1] and (bound.values[0][2:] == -1).all()

@@ -1,0 +1,122 @@
+"""The token-to-voken model: voken mapping, codebook init, save/load, and the real T5 path on a tiny local T5."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from avg.decode import retrieve, token_trie  # noqa: E402
+from avg.model import ModelConfig, VokenModel, VokenSpec, build_model, default_encoder_path, voken_init_vectors  # noqa: E402
+
+TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+            encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+
+
+def test_codes_and_tokens_round_trip_shared_and_per_level():
+    codes = np.array([[0, 3, 1], [2, 0, 4]])
+    shared = VokenSpec([4, 4, 5], shared=True, first_id=3)
+    per = VokenSpec([4, 4, 5], shared=False, first_id=3)
+    assert shared.n_vokens == 5 and per.n_vokens == 13
+    assert shared.codes_to_tokens(codes).tolist() == [[3, 6, 4], [5, 3, 7]]
+    assert per.codes_to_tokens(codes).tolist() == [[3, 10, 12], [5, 7, 15]]
+    for spec in (shared, per):
+        assert np.array_equal(spec.tokens_to_codes(spec.codes_to_tokens(codes)), codes)
+    with pytest.raises(ValueError):
+        per.codes_to_tokens(np.array([[4, 0, 0]]))          # code beyond its position's size
+
+
+def test_codebook_init_keeps_the_codebook_geometry():
+    rng = np.random.default_rng(0)
+    cb = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    spec = VokenSpec([8, 8], shared=False, first_id=0)
+    for dim in (16, 48):                                        # same width and wider: an isometry
+        v = voken_init_vectors(cb, spec, dim).astype(np.float64)
+        flat = cb.reshape(16, 16).astype(np.float64)
+        np.testing.assert_allclose(v @ v.T, flat @ flat.T, atol=1e-3)
+    narrow = voken_init_vectors(cb, spec, 8)                    # narrower: PCA keeps the main directions
+    assert narrow.shape == (16, 8) and np.isfinite(narrow).all()
+    shared = voken_init_vectors(cb, VokenSpec([8, 8, 3], shared=True, first_id=0), 16)
+    np.testing.assert_allclose(shared, cb.mean(axis=0), atol=1e-5)   # shared voken = its code averaged over levels
+
+
+def test_build_initialises_tied_voken_embeddings_from_the_codebook():
+    rng = np.random.default_rng(1)
+    cb = rng.standard_normal((3, 6, 32)).astype(np.float32)
+    vm = build_model(ModelConfig(**TINY, shared_vokens=False), [6, 6, 6, 2], cb)
+    dec = vm.model.get_decoder()
+    emb = dec.get_input_embeddings().weight.detach().numpy()
+    assert dec.get_output_embeddings().weight.data_ptr() == dec.get_input_embeddings().weight.data_ptr()
+    rows = emb[vm.spec.first_id:vm.spec.first_id + 18]
+    flat = cb.reshape(18, 32)
+    corr = np.corrcoef((rows @ rows.T).ravel(), (flat @ flat.T).ravel())[0, 1]
+    assert corr > 0.999                                         # same Gram matrix up to scale
+    # the extra (collision) position has no codebook vectors: it keeps its random init
+    assert np.abs(emb[vm.spec.first_id + 18:vm.spec.first_id + 20]).sum() > 0
+
+
+def test_save_load_round_trip_gives_the_same_scores(tmp_path):
+    vm = build_model(ModelConfig(**TINY, voken_init="random"), [4, 4], seed=5)
+    vm.model.eval()
+    codes = np.array([[0, 1], [2, 3], [3, 3]])
+    trie = token_trie(vm, codes)
+    before = retrieve(vm, ["a red apple", "a dog"], trie, num_beams=3)
+    vm.save(tmp_path / "ckpt")
+    loaded = VokenModel.load(tmp_path / "ckpt")
+    after = retrieve(loaded, ["a red apple", "a dog"], trie, num_beams=3)
+    assert loaded.spec == vm.spec and loaded.config == vm.config
+    assert np.array_equal(before.values, after.values)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-5)
+    dec = loaded.model.get_decoder()
+    assert dec.get_output_embeddings().weight.data_ptr() == dec.get_input_embeddings().weight.data_ptr()
+
+
+def test_load_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="avg train"):
+        VokenModel.load(tmp_path)
+
+
+def test_freeze_encoder_leaves_only_the_decoder_trainable():
+    vm = build_model(ModelConfig(**TINY, voken_init="random", freeze_encoder=True), [4, 4])
+    assert not any(p.requires_grad for p in vm.model.get_encoder().parameters())
+    assert all(p.requires_grad for p in vm.model.get_decoder().parameters())
+
+
+def test_codebook_init_without_a_codebook_is_a_clear_error():
+    with pytest.raises(ValueError, match="voken_init='random'"):
+        build_model(ModelConfig(**TINY), [4, 4], codebook=None)
+
+
+@pytest.fixture
+def tiny_t5(tmp_path):
+    """A tiny random T5 saved like a hub checkpoint (the tokenizer is the local MiniLM one: no hub)."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(default_encoder_path())
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    return tmp_path / "t5"
+
+
+def test_t5_path_adds_vokens_and_decodes_constrained(tiny_t5, tmp_path):
+    cb = np.random.default_rng(0).standard_normal((2, 6, 48)).astype(np.float32)
+    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), shared_vokens=True), [6, 6, 3], cb)
+    n_text = 30522
+    assert vm.spec.first_id == n_text and vm.vocab_size == n_text + 6
+    assert vm.tokenizer.convert_ids_to_tokens(n_text + 5) == "<v_5>"
+    emb = vm.model.get_input_embeddings().weight.detach().numpy()[n_text:]
+    flat = cb.mean(axis=0)
+    assert np.corrcoef((emb @ emb.T).ravel(), (flat @ flat.T).ravel())[0, 1] > 0.95   # PCA 48 -> 32 keeps most
+    codes = np.array([[0, 1, 2], [3, 4, 0], [5, 5, 1]])
+    trie = token_trie(vm, codes)
+    res = retrieve(vm, ["a red apple"], trie, num_beams=4)
+    assert sorted(res.values[0][:3].tolist()) == [0, 1, 2] and res.values[0][3] == -1
+    vm.save(tmp_path / "ckpt")
+    again = retrieve(VokenModel.load(tmp_path / "ckpt"), ["a red apple"], trie, num_beams=4)
+    assert np.array_equal(res.values, again.values)

@@ -1,0 +1,117 @@
+"""``avg search``: top-k images for a query; bad queries and missing files exit 2 with a message."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from avg import io, search  # noqa: E402
+from avg.model import ModelConfig, build_model  # noqa: E402
+
+TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+            voken_init="random", encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """data/<ds>/ with a (untrained, tiny) checkpoint and an identifier table: the default path layout."""
+    root = tmp_path_factory.mktemp("data")
+    ds = root / "toy"
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, 5, size=(40, 3)), axis=0)[:12]
+    table = pd.DataFrame({"image": [f"images/{i:02d}.png" for i in range(12)],
+                          "split": ["train"] * 6 + ["val"] * 3 + ["test"] * 3,
+                          "identifier": [" ".join(map(str, c)) for c in codes]})
+    io.write_csv(ds / "identifiers" / "avg.tsv", table, sep="\t")
+    io.write_json(ds / "identifiers" / "avg.json", {"position_sizes": [5, 5, 5]})
+    build_model(ModelConfig(**TINY), [5, 5, 5]).save(ds / "checkpoints" / "avg")
+    return root, table
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    search.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_json_output_lists_k_ranked_images_with_paths_and_identifiers(dataset, capsys):
+    root, table = dataset
+    rc = search.main(parse(["a yellow lemon", "--k", "5", "--dataset", "toy", "--data-root", str(root), "--json"]))
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["query"] == "a yellow lemon" and len(out["results"]) == 5
+    by_image = dict(zip(table["image"], table["identifier"]))
+    assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4, 5]
+    scores = [r["score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+    for r in out["results"]:
+        assert " ".join(map(str, r["identifier"])) == by_image[r["image"]]
+        assert r["path"] == str(root / "toy" / "raw" / r["image"])
+    assert len({r["image"] for r in out["results"]}) == 5
+
+
+def test_split_restricts_the_searched_images_and_k_beyond_beams_is_served(dataset, capsys):
+    root, _ = dataset
+    rc = search.main(parse(["red circle", "--k", "12", "--beams", "2", "--data-root", str(root), "--dataset", "toy",
+                            "--json"]))
+    assert rc == 0 and len(json.loads(capsys.readouterr().out)["results"]) == 12
+    rc = search.main(parse(["red circle", "--k", "5", "--split", "test", "--data-root", str(root), "--dataset", "toy",
+                            "--json"]))
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert rc == 0 and len(results) == 3 and {r["split"] for r in results} == {"test"}
+
+
+def test_plain_output_through_the_cli(dataset, capsys):
+    from avg import cli
+
+    root, _ = dataset
+    rc = cli.main(["search", "a blue square", "--k", "3", "--data-root", str(root), "--dataset", "toy"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("top 3 for 'a blue square'") and out.count("images/") == 3
+
+
+@pytest.mark.parametrize("query, message", [
+    ("", "empty"),
+    ("   \t ", "empty"),
+    ("x" * 1001, "too long"),
+    ("?!... ---", "no letters or digits"),
+    ("a red\x00apple", "control characters"),
+    ("caf\udce9 au lait", "not valid text"),          # what argv holds for bytes that are not UTF-8
+])
+def test_bad_queries_exit_2_with_a_message(dataset, capsys, query, message):
+    root, _ = dataset
+    rc = search.main(parse([query, "--data-root", str(root), "--dataset", "toy"]))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.startswith("avg search: error:")
+
+
+def test_non_text_query_object_is_rejected():
+    with pytest.raises(search.QueryError, match="must be text"):
+        search.check_query(b"bytes")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--k", "0"], "--k must be at least 1"),
+    (["--checkpoint", "/nonexistent/ckpt"], "no trained checkpoint"),
+    (["--identifiers", "/nonexistent/x.tsv"], "no identifier table"),
+    (["--split", "dev"], "--split must be"),
+])
+def test_bad_options_and_missing_files_exit_2(dataset, capsys, argv, message):
+    root, _ = dataset
+    rc = search.main(parse(["a red apple", "--data-root", str(root), "--dataset", "toy", *argv]))
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_identifier_table_of_another_scheme_is_refused(dataset, tmp_path, capsys):
+    root, table = dataset
+    other = tmp_path / "other.tsv"
+    io.write_csv(other, table.assign(identifier=["1 2"] * len(table)), sep="\t")
+    rc = search.main(parse(["a red apple", "--data-root", str(root), "--dataset", "toy", "--identifiers", str(other)]))
+    assert rc == 2 and "length" in capsys.readouterr().err

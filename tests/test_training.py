@@ -1,0 +1,279 @@
+"""Training: ranking losses, memorisation, resume after interruption, the train step and generative evaluation."""
+from __future__ import annotations
+
+import copy
+import os
+from argparse import Namespace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from avg import featurestore, io  # noqa: E402
+from avg.decode import token_trie  # noqa: E402
+from avg.model import ModelConfig, VokenModel, build_model  # noqa: E402
+from avg.training import (Checkpointer, OptimConfig, Pairs, RankConfig, ValConfig, listwise_loss, pairwise_loss,  # noqa: E402
+                          train_discriminative, train_generative, validate)
+
+TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
+            encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+WORDS = ("apple banana cherry dog cat horse red green blue yellow small big house tree car boat lemon star moon sun "
+         "fish bird cup hat").split()
+
+
+def nolog(name, value, step):
+    pass
+
+
+def memo_pairs(vm, n: int = 20, seed: int = 0) -> Pairs:
+    """n distinct captions, each with its own identifier (no structure to exploit: pure memorisation)."""
+    rng = np.random.default_rng(seed)
+    caps = [f"a {WORDS[i]} near the {WORDS[(i * 7 + 3) % len(WORDS)]}" for i in range(n)]
+    codes = np.unique(rng.integers(0, 8, size=(4 * n, 3)), axis=0)[rng.permutation(n)]
+    return Pairs(caps, vm.spec.codes_to_tokens(codes), np.arange(n), token_trie(vm, codes))
+
+
+def tiny_model(seed: int = 0, **kw) -> VokenModel:
+    return build_model(ModelConfig(**{**TINY, "voken_init": "random", **kw}), [8, 8, 8], seed=seed)
+
+
+# ---------------------------------------------------------------------- losses
+def test_listwise_and_pairwise_gradients_point_the_right_way():
+    scores = torch.tensor([[-3.0, -1.0, -2.0, -0.5]], requires_grad=True)
+    valid = torch.tensor([[True, True, True, False]])            # last column: padding, not a negative
+    for loss in (listwise_loss(scores, valid), pairwise_loss(scores, valid, margin=1.0)):
+        (g,) = torch.autograd.grad(loss, scores)
+        assert g[0, 0] < 0                                        # descent raises the gold score ...
+        assert (g[0, 1:3] > 0).all()                              # ... and lowers the negatives
+        assert g[0, 3] == 0                                       # padding is ignored
+    assert listwise_loss(torch.tensor([[0.0, -50.0]]), torch.ones(1, 2, dtype=torch.bool)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["listwise", "pairwise"])
+def test_ranking_loss_pushes_gold_above_negatives_on_a_toy_batch(kind):
+    torch.manual_seed(0)
+    vm = tiny_model(seed=1)
+    rng = np.random.default_rng(0)
+    caps = ["a red apple", "the blue house", "a small dog", "lemon tree"]
+    codes = np.unique(rng.integers(0, 8, size=(40, 3)), axis=0)[rng.permutation(24)].reshape(4, 6, 3)
+    cands = torch.as_tensor(vm.spec.codes_to_tokens(codes))       # [4 captions, gold + 5 negatives, L]
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    enc = vm.tokenize(caps)
+    with torch.no_grad():
+        before = vm.sequence_logprobs(enc, cands)
+    assert not (before[:, :1] > before[:, 1:]).all()              # gold is not already on top everywhere
+    opt = torch.optim.Adam(vm.model.parameters(), lr=3e-3)
+    for _ in range(40):
+        s = vm.sequence_logprobs(enc, cands)
+        loss = listwise_loss(s, valid) if kind == "listwise" else pairwise_loss(s, valid, margin=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = vm.sequence_logprobs(enc, cands)
+    assert (after[:, :1] > after[:, 1:]).all()
+
+
+# ---------------------------------------------------------------------- loops
+def test_tiny_model_memorises_20_pairs():
+    vm = tiny_model(seed=0)
+    pairs = memo_pairs(vm)
+    optim = OptimConfig(epochs=80, batch_size=10, lr=5e-3, encoder_lr=5e-3, warmup_ratio=0.0, patience=0)
+    out = train_generative(vm, pairs, pairs, optim, ValConfig(num_beams=5, select_metric="recall@1"), nolog, seed=0)
+    assert validate(vm, pairs, ValConfig(num_beams=5))["recall@1"] == 1.0
+    assert out["val_recall@1"] == 1.0
+
+
+def test_best_epoch_is_kept_not_the_last(tmp_path):
+    vm = tiny_model(seed=0)
+    pairs = memo_pairs(vm)
+    seen = []
+    out = train_generative(vm, pairs, pairs, OptimConfig(epochs=6, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
+                           ValConfig(num_beams=5), lambda n, v, s: seen.append((n, v, s)), Checkpointer(tmp_path / "st"))
+    scores = [h["val_recall_mean"] for h in out["history"]]
+    assert out["best_epoch"] == 1 + int(np.argmax(scores))
+    assert validate(vm, pairs, ValConfig(num_beams=5))["recall_mean"] == pytest.approx(max(scores))
+    assert ("generative.val_recall@1", out["history"][0]["val_recall@1"], 1) in seen
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
+    optim = OptimConfig(epochs=4, batch_size=8, lr=3e-3, encoder_lr=3e-3, patience=0)
+    val = ValConfig(num_beams=4)
+
+    ref = tiny_model(seed=0)
+    pairs = memo_pairs(ref)
+    ref_out = train_generative(ref, pairs, pairs, optim, val, nolog, Checkpointer(tmp_path / "ref", "fp"), seed=0)
+
+    def dies_in_epoch_3(name, value, step):
+        if step == 3:
+            raise Interrupt
+    first = tiny_model(seed=0)
+    with pytest.raises(Interrupt):
+        train_generative(first, pairs, pairs, optim, val, dies_in_epoch_3, Checkpointer(tmp_path / "st", "fp"), seed=0)
+    assert io.read_json(tmp_path / "st" / "last" / "trainer.json")["epoch"] == 2
+
+    steps = []
+    again = tiny_model(seed=99)                     # a new process: different fresh weights, same state folder
+    out = train_generative(again, pairs, pairs, optim, val, lambda n, v, s: steps.append(s),
+                           Checkpointer(tmp_path / "st", "fp"), seed=0)
+    assert sorted(set(steps)) == [3, 4]             # only the epochs that had not finished
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4]
+    assert out["best_epoch"] == ref_out["best_epoch"]
+    for (k, a), b in zip(ref.model.state_dict().items(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)     # same weights as the uninterrupted run
+
+    # state from another configuration is not resumed into this one
+    other = tiny_model(seed=0)
+    steps.clear()
+    train_generative(other, pairs, pairs, optim, val, lambda n, v, s: steps.append(s),
+                     Checkpointer(tmp_path / "st", "other-fingerprint"), seed=0)
+    assert min(steps) == 1
+
+
+def test_discriminative_stage_validates_its_starting_point_and_trains():
+    vm = tiny_model(seed=0)
+    pairs = memo_pairs(vm)
+    train_generative(vm, pairs, pairs, OptimConfig(epochs=5, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
+                     ValConfig(num_beams=5), nolog)
+    logged = []
+    out = train_discriminative(vm, pairs, pairs, OptimConfig(epochs=2, batch_size=10, lr=1e-3, encoder_lr=1e-3, patience=0),
+                               RankConfig(num_beams=5), ValConfig(num_beams=5), lambda n, v, s: logged.append((n, s)))
+    assert [h["epoch"] for h in out["history"]] == [0, 1, 2]
+    assert out["best_epoch"] in (0, 1, 2)
+    assert ("discriminative.train_rank_loss", 1) in logged and ("discriminative.val_recall@1", 0) in logged
+    assert 0.0 <= out["history"][1]["train_gold_top1"] <= 1.0
+
+
+# ---------------------------------------------------------------------- the step, end to end on disk
+COLOURS = ["red", "green", "blue", "yellow", "black", "purple"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+
+
+def write_synthetic(root: Path, n_images: int = 30, dim: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """A feature store + identifier table (+ json, codebook) whose identifiers follow the captions' words."""
+    rng = np.random.default_rng(seed)
+    images, caps, codes = [], [], []
+    for i in range(n_images):
+        c, s = i % 6, (i // 6) % 4
+        split = ("train", "train", "train", "val", "test")[i % 5]
+        name = f"img/{i:03d}_{COLOURS[c]}_{SHAPES[s]}.png"
+        images.append((name, split))
+        codes.append((c, s, i // 24))
+        for j, text in enumerate([f"a {COLOURS[c]} {SHAPES[s]}", f"a picture of a {SHAPES[s]} coloured {COLOURS[c]}"]):
+            caps.append((f"{i}-{j}", name, text, split, i))
+    img = rng.standard_normal((n_images, dim)).astype(np.float32)
+    txt = rng.standard_normal((len(caps), dim)).astype(np.float32)
+    feats = featurestore.Features(img / np.linalg.norm(img, axis=1, keepdims=True),
+                                  pd.DataFrame(images, columns=["image", "split"]),
+                                  txt / np.linalg.norm(txt, axis=1, keepdims=True),
+                                  pd.DataFrame(caps, columns=["caption_id", "image", "caption", "split", "image_index"]),
+                                  {"encoder": "synthetic", "sacred_run_id": "features/0"})
+    featurestore.save(root / "features", feats)
+    ident = root / "identifiers"
+    table = pd.DataFrame({"image": [n for n, _ in images], "split": [s for _, s in images],
+                          "identifier": [" ".join(map(str, c)) for c in codes]})
+    io.write_csv(ident / "avg.tsv", table, sep="\t")
+    io.write_json(ident / "avg.json", {"scheme": "avg", "position_sizes": [6, 4, 2], "sacred_run_id": "identifiers/0"})
+    io.save_npy(ident / "avg.codebook.npy", rng.standard_normal((2, 6, dim)).astype(np.float32))
+    return root / "features", ident / "avg.tsv"
+
+
+def step_cfg(**gen) -> dict:
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "train.yaml").read_text())["train"]
+    cfg = copy.deepcopy(cfg)
+    cfg["device"] = "cpu"
+    cfg["model"].update({k: v for k, v in TINY.items()})
+    cfg["generative"].update({"epochs": 3, "batch_size": 8, "lr": 3e-3, "encoder_lr": 3e-3, "patience": 0, **gen})
+    cfg["discriminative"].update({"epochs": 1, "batch_size": 8, "num_beams": 4})
+    cfg["validation"].update({"num_beams": 10})
+    return cfg
+
+
+def test_params_file_validates_against_its_schema():
+    from avg import params
+
+    cfg = params.load_file(Path(__file__).resolve().parents[1] / "params" / "train.yaml", "train")
+    assert cfg["discriminative"]["rank_weight"] == 0.5 and cfg["discriminative"]["num_beams"] == 10
+    bad = copy.deepcopy(cfg)
+    bad["discriminative"]["loss"] = "softmax"
+    with pytest.raises(params.ParamsError):
+        params.validate("train", bad, "test")
+
+
+def test_train_step_generative_then_discriminative_then_evaluate(tmp_path):
+    from avg.generative_eval import evaluate_generative
+    from avg.steps import train as step
+
+    features, ids = write_synthetic(tmp_path)
+    cfg = step_cfg()
+    gen_args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                         out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
+
+    def dies_in_epoch_2(name, value, s):
+        if s == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        step.run(gen_args, cfg, dies_in_epoch_2, "train/1")
+    assert (tmp_path / "ckpt" / "avg-gen.resume" / "last").exists() and not gen_args.out.exists()
+    steps = []
+    gen = step.run(gen_args, cfg, lambda n, v, s: steps.append(s), "train/2")   # the rerun resumes
+    assert min(steps) == 2 and gen["epochs_run"] == 3
+    assert not (tmp_path / "ckpt" / "avg-gen.resume").exists()
+    meta = io.read_json(gen_args.out / "train.json")
+    assert meta["sacred_run_id"] == "train/2" and meta["stage"] == "generative" and meta["n_val_images"] == 6
+    assert (gen_args.out / "config.json").exists() and (gen_args.out / "avg_vokens.json").exists()
+
+    disc_args = Namespace(**{**vars(gen_args), "stage": "discriminative", "init_from": gen_args.out,
+                             "out": tmp_path / "ckpt" / "avg"})
+    disc = step.run(disc_args, cfg, nolog, "train/3")
+    assert disc["stage"] == "discriminative" and disc["init_from"] == str(gen_args.out)
+
+    ecfg = {"split": "test", "ks": [1, 5, 10], "generative": {"num_beams": 10, "batch_size": 4, "latency_queries": 3}}
+    metrics, rankings, scores = evaluate_generative(disc_args.out, ids, featurestore.load(features), ecfg, nolog)
+    test = featurestore.load(features).split("test")
+    assert rankings.shape == (len(test.captions), 10) == scores.shape
+    assert metrics["n_corpus"] == len(test.images) == 6
+    found = rankings[rankings >= 0]
+    assert found.max() < 6 and (rankings[:, :6] >= 0).all()     # the 6 test images fill each ranking
+    for key in ("recall@1", "recall@5", "recall@10", "median_rank", "latency_ms", "qps", "n_queries"):
+        assert key in metrics
+    # the same through a captions table instead of a feature store
+    m2, r2, _ = evaluate_generative(disc_args.out, ids, test.captions, ecfg, None, split="test")
+    assert np.array_equal(r2, rankings) and m2["recall@1"] == metrics["recall@1"]
+
+
+def test_train_step_errors_are_actionable(tmp_path):
+    from avg.errors import UserError
+    from avg.steps import train as step
+
+    features, ids = write_synthetic(tmp_path)
+    cfg = step_cfg()
+    args = Namespace(features=features, identifiers=ids, codebook=None, stage="discriminative", init_from=None,
+                     out=tmp_path / "o", state_dir=None)
+    with pytest.raises(UserError, match="--init-from"):
+        step.run(args, cfg, nolog, "x")
+    args.stage = "generative"
+    args.codebook = tmp_path / "missing.codebook.npy"
+    with pytest.raises(UserError, match="does not exist"):
+        step.run(args, cfg, nolog, "x")
+
+
+def test_scheme_without_codebook_trains_with_random_vokens(tmp_path):
+    from avg.steps import train as step
+
+    features, ids = write_synthetic(tmp_path)
+    (ids.parent / "avg.codebook.npy").unlink()                  # like the atomic scheme
+    cfg = step_cfg(epochs=1)
+    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                     out=tmp_path / "o", state_dir=None)
+    step.run(args, cfg, nolog, "x")
+    assert io.read_json(tmp_path / "o" / "train.json")["voken_init_used"] == "random"
