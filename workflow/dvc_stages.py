@@ -65,7 +65,34 @@ def render(params_dir: Path) -> dict:
         stages[f"identifiers_{scheme}"] = stage(
             f"avg identifiers --params params/identifiers.yaml --features {D}/features --scheme {scheme}{tok_arg} "
             f"--out {D}/identifiers", deps, _params("identifiers"), outs, [f"{ids}.json"])
+    for scheme in ident["schemes"]:
+        stages.update(training_stages(scheme))
+    for scheme in ident["schemes"]:
+        for method in (f"{scheme}-gen", scheme):
+            stages[f"evaluate_{method}"] = stage(
+                f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
+                f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
+                [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
+                _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
     return {"vars": ["params/data.yaml"], "stages": stages}
+
+
+TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/trie.py"]
+EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/trie.py", "avg/metrics.py"]
+
+
+def training_stages(scheme: str) -> dict[str, dict]:
+    """Generative stage to <scheme>-gen, then the discriminative stage from it to <scheme>."""
+    ids = f"{D}/identifiers/{scheme}"
+    inputs = [f"{D}/features", f"{ids}.tsv", f"{ids}.json"] + ([] if scheme == "atomic" else [f"{ids}.codebook.npy"])
+    base = f"avg train --params params/train.yaml --features {D}/features --identifiers {ids}.tsv"
+    gen, disc = f"{D}/checkpoints/{scheme}-gen", f"{D}/checkpoints/{scheme}"
+    return {
+        f"train_generative_{scheme}": stage(f"{base} --stage generative --out {gen}", inputs + TRAIN_CODE,
+                                            _params("train"), [gen]),
+        f"train_discriminative_{scheme}": stage(f"{base} --stage discriminative --init-from {gen} --out {disc}",
+                                                inputs + [gen] + TRAIN_CODE, _params("train"), [disc]),
+    }
 
 
 def dump(doc: dict) -> str:

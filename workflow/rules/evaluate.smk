@@ -16,3 +16,37 @@ rule evaluate_dense:
         runtime=30,
     shell:
         "avg evaluate --params-json {params.cfg:q} --features {input} --out {params.outdir} --method dense 2>&1 | tee {log}"
+
+
+def checkpoint_scheme(method):
+    """Checkpoint names are <scheme> (both training stages) or <scheme>-gen (generative stage only)."""
+    return method.removesuffix("-gen")
+
+
+rule evaluate_generative:
+    """Constrained beam search over the evaluated split's identifiers, mapped back to images."""
+    input:
+        features=f"{DATA}/features",
+        checkpoint=f"{DATA}/checkpoints/{{method}}",
+        identifiers=lambda wildcards: f"{DATA}/identifiers/{checkpoint_scheme(wildcards.method)}.tsv",
+    output:
+        metrics=f"{DATA}/eval/{{method}}.json",
+        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+    wildcard_constraints:
+        method="[a-z0-9]+(-gen)?",
+    log:
+        f"logs/{DATASET}/evaluate_{{method}}.log",
+    params:
+        cfg=cfg_json("evaluate"),
+        outdir=lambda wildcards, output: os.path.dirname(output.metrics),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU("evaluate"),
+    shell:
+        "avg evaluate --params-json {params.cfg:q} --features {input.features} --out {params.outdir} "
+        "--method {wildcards.method} --checkpoint {input.checkpoint} --identifiers {input.identifiers} 2>&1 | tee {log}"
+
+
+ruleorder: evaluate_dense > evaluate_generative

@@ -12,6 +12,6 @@ rule features:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1 if config["features"]["device"].startswith("cuda") else 0,
+        gpu=GPU("features"),
     shell:
         "OMP_NUM_THREADS={threads} avg features --params-json {params.cfg:q} --raw {input} --out {output} 2>&1 | tee {log}"

@@ -17,7 +17,7 @@ rule tokenizer:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=1 if config["tokenizer"]["device"].startswith("cuda") else 0,
+        gpu=GPU("tokenizer"),
     shell:
         "avg tokenizer --params-json {params.cfg:q} --features {input} --scheme {wildcards.scheme} --out {output} 2>&1 | tee {log}"
 

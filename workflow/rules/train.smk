@@ -1,0 +1,51 @@
+def identifier_files(scheme):
+    """The identifier table, its stats and (for every scheme but atomic) its code vectors."""
+    files = {"identifiers": f"{DATA}/identifiers/{scheme}.tsv", "stats": f"{DATA}/identifiers/{scheme}.json"}
+    if scheme != "atomic":
+        files["codebook"] = f"{DATA}/identifiers/{scheme}.codebook.npy"
+    return files
+
+
+rule train_generative:
+    """Generative stage: cross-entropy from each train caption to its image's identifier; best epoch on val."""
+    input:
+        unpack(lambda wildcards: identifier_files(wildcards.scheme)),
+        features=f"{DATA}/features",
+    output:
+        directory(f"{DATA}/checkpoints/{{scheme}}-gen"),
+    log:
+        f"logs/{DATASET}/train_generative_{{scheme}}.log",
+    params:
+        cfg=cfg_json("train"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=600,
+        gpu=GPU("train"),
+    shell:
+        "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
+        "--identifiers {input.identifiers} --stage generative --out {output} 2>&1 | tee {log}"
+
+
+rule train_discriminative:
+    """Discriminative stage: listwise ranking of the gold identifier against constrained beams, plus CE."""
+    input:
+        unpack(lambda wildcards: identifier_files(wildcards.scheme)),
+        features=f"{DATA}/features",
+        init=f"{DATA}/checkpoints/{{scheme}}-gen",
+    output:
+        directory(f"{DATA}/checkpoints/{{scheme}}"),
+    wildcard_constraints:
+        scheme="[a-z0-9]+",
+    log:
+        f"logs/{DATASET}/train_discriminative_{{scheme}}.log",
+    params:
+        cfg=cfg_json("train"),
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=600,
+        gpu=GPU("train"),
+    shell:
+        "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
+        "--identifiers {input.identifiers} --stage discriminative --init-from {input.init} --out {output} 2>&1 | tee {log}"
