@@ -99,17 +99,22 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     assert n_evals == 1 + 2 * 4 and before["train"] == 2 * 4  # dense + (gen, gen+disc) x 4 schemes
 
     set_param(p / "evaluate.yaml", "evaluate.depth", 50)
-    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative"}
+    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "report"}
     status = sh(["dvc", "status"], work)
     changed = {l.strip().rstrip(":") for l in status.splitlines() if l and not l.startswith((" ", "\t"))}
     assert changed and all(name.startswith("evaluate_") for name in changed), status
     out = sh(["dvc", "repro"], work)
     ran = {l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage")}
-    assert "evaluate_dense" in ran and all(name.startswith("evaluate_") for name in ran), out
+    assert "evaluate_dense" in ran and all(name.startswith("evaluate_") or name == "report" for name in ran), out
     sh(["snakemake", "--cores", "2"], work)
     after = {step: n_runs(step) for step in before}
     assert after["evaluate"] == before["evaluate"] + 2 * n_evals  # once by DVC, once by Snakemake
     assert all(after[s] == before[s] for s in before if s != "evaluate"), (before, after)
+
+    # the report reruns when its own params change, and nothing else does
+    assert (work / "reports" / "shapes" / "comparison.html").exists()
+    set_param(p / "report.yaml", "report.n_examples", 2)
+    assert planned_jobs(work) == {"report"}
 
     # DVC versions data: push to a local remote, lose the workspace copy and the cache, pull it back.
     import shutil

@@ -74,7 +74,35 @@ def render(params_dir: Path) -> dict:
                 f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
                 [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
                 _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
-    return {"vars": ["params/data.yaml"], "stages": stages}
+    methods = ["dense"] + [m for s in ident["schemes"] for m in (f"{s}-gen", s)]
+    stages["report"] = report_stage(methods, ident["schemes"])
+    return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
+
+
+R = "reports/${data.name}"
+REPORT_FILES = ["comparison.md", "comparison.html", "recall_at_k.png", "training_curves.png",
+                "codebook_utilisation.png", "efficiency.png", "plots/recall_at_k.csv", "plots/utilisation.csv"]
+# recall_at_k.csv / utilisation.csv are outs, not stage plots: as stage plots DVC would also draw a
+# step-indexed chart of each; the top-level entries below pick their axes and vega templates.
+PLOTS = [
+    {"recall_at_k": {"title": "Recall@K per method (test split)", "template": "by_method", "x": "k",
+                     "y": {f"{R}/plots/recall_at_k.csv": "recall"}}},
+    {"utilisation": {"title": "Code utilisation per identifier level", "template": "by_scheme", "x": "level",
+                     "y": {f"{R}/plots/utilisation.csv": "utilisation"}}},
+    *[f"{R}/{name}" for name in REPORT_FILES if name.endswith(".png")],
+]
+
+
+def report_stage(methods: list[str], schemes: list[str]) -> dict:
+    evals = [f"{D}/eval/{m}.json" for m in methods]
+    idents = [f"{D}/identifiers/{s}.json" for s in schemes]
+    cmd = (f"avg report --params params/report.yaml --dataset-dir {D} --evals {' '.join(evals)} "
+           f"--identifiers {' '.join(idents)} --runs runs --bench reports/bench --out {R}")
+    deps = [*evals, *[f"{D}/eval/{m}.rankings.tsv" for m in methods], *idents, f"{D}/raw",
+            "avg/report.py", "avg/steps/report.py", "avg/resources/report.css", "avg/resources/published.yaml"]
+    outs = [{f"{R}/{name}": {"cache": False}} for name in REPORT_FILES]
+    return {"cmd": cmd, "deps": deps, "params": _params("report"), "outs": outs,
+            "metrics": [{f"{R}/metrics.json": {"cache": False}}]}
 
 
 TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/trie.py"]
