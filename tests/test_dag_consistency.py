@@ -24,9 +24,9 @@ def copy_project(dst: Path) -> Path:
     return dst
 
 
-def snakemake_jobs(workdir: Path) -> list[dict]:
+def snakemake_jobs(workdir: Path, extra: list[str] = ()) -> list[dict]:
     """Every job's {rule, input, output, cmd} from a forced dry run (the job blocks Snakemake prints)."""
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "1"],
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "1", *extra],
                          cwd=workdir, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs: list[dict] = []
