@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test report bench clean-runs
+.PHONY: install demo test bench
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # Runs the whole DAG on the embedded Tux Paint data, then records its outputs in dvc.lock so that
 # `dvc repro` and `snakemake` both find nothing to do afterwards.
-demo: install
+demo: install dvc.yaml
 	@bash scripts/apt-lists.sh
 	snakemake --cores all
 	dvc commit --force --quiet
@@ -30,3 +30,7 @@ test: install
 
 bench: install
 	python bench/bench_decoding.py
+
+# dvc.yaml is rendered from params/ (one stage per step and scheme).
+dvc.yaml: params/identifiers.yaml workflow/dvc_stages.py
+	python workflow/dvc_stages.py
