@@ -198,13 +198,3 @@ def test_defaults_are_the_public_sources():
     assert coco.DEFAULTS["annotations_url"] == flickr30k.DEFAULTS["annotations_url"] == karpathy.KARPATHY_URL
     assert flickr30k.DEFAULTS["images_url"] is None
 
-
-def test_params_file_defaults_equal_module_defaults():
-    """The module DEFAULTS (for library use) must not drift from params/data.yaml (the pipeline's source)."""
-    from avg import params
-    from avg.datasets import coco, flickr30k
-    from conftest import REPO
-
-    cfg = params.load_file(REPO / "params" / "data.yaml", "data")
-    assert cfg["flickr30k"] == flickr30k.DEFAULTS
-    assert cfg["coco"] == coco.DEFAULTS
