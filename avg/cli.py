@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -83,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avg {args.command}: {exc}", file=sys.stderr)
         return 2
     from avg import tracking
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        # Under torchrun only rank 0 is a Sacred run (and writes outputs); the other ranks just compute.
+        logging.getLogger().setLevel(logging.WARNING)
+        try:
+            mod.run(args, cfg, lambda *a: None, f"{args.command}/rank{rank}")
+        except UserError as exc:
+            print(f"avg {args.command} (rank {rank}): error: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     paths = mod.sacred_config(args) if hasattr(mod, "sacred_config") else {
         k: str(v) for k, v in vars(args).items() if isinstance(v, Path) and k != "runs_dir"}

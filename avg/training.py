@@ -10,12 +10,24 @@ Discriminative stage (AVG §3.4, official code): decode the top beams of each tr
 the *training* identifiers' trie, then rank the gold identifier's sequence log-probability above the
 beams that are not gold — listwise softmax (default) or pairwise margin — plus cross-entropy on the
 gold so the model keeps generating it: ``loss = rank_weight * rank_loss + ce_weight * CE``.
+
+Scale (GPU): ``OptimConfig.precision`` runs the forward passes under autocast (bf16, or fp16 with a
+GradScaler); ``OptimConfig.grad_accum_steps`` splits each batch into micro-batches; and under
+``torchrun`` (a ``torch.distributed`` process group already initialised, see :func:`init_distributed`)
+the model is wrapped in DistributedDataParallel and each batch is split across the ranks.
+``batch_size`` is always the GLOBAL batch of one optimisation step, and every micro-batch's loss is
+weighted by its share of that batch, so for per-example mean losses (cross-entropy, listwise) the
+update equals the single-process, no-accumulation one whatever the world size or accumulation.
+Only rank 0 logs and writes the resume state; validation runs on every rank and rank 0's figures
+are broadcast, so all ranks take the same best-epoch and early-stopping decisions.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +40,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from avg import io
+from avg.device import autocast, autocast_dtype, precision_name
 from avg.decode import evaluate_retrieval, retrieve
 from avg.model import VokenModel
 from avg.trie import Trie
@@ -48,6 +61,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     patience: int = 8             # epochs without a better validation score before stopping; 0 = never stop early
     label_smoothing: float = 0.0
+    grad_accum_steps: int = 1     # micro-batches per optimisation step (each rank): same update, less memory
+    precision: str = "auto"       # auto | fp32 | fp16 | bf16 autocast of the forward passes (auto: fp32 on CPU)
+
+    def __post_init__(self):
+        assert self.grad_accum_steps >= 1, self.grad_accum_steps
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimConfig":
@@ -121,48 +139,58 @@ class Checkpointer:
     rather than resumed into a mismatched configuration.
     """
 
-    def __init__(self, state_dir: str | Path | None, fingerprint: str = ""):
+    def __init__(self, state_dir: str | Path | None, fingerprint: str = "", writer: bool = True):
         self.dir = Path(state_dir) if state_dir is not None else None
         self.fingerprint = fingerprint
+        self.writer = writer          # False on ranks != 0 of a distributed run: they read, never write
+
+    def readonly(self) -> "Checkpointer":
+        return Checkpointer(self.dir, self.fingerprint, writer=False)
 
     @property
     def best_dir(self) -> Path | None:
         return None if self.dir is None else self.dir / "best"
 
-    def load(self, vm: VokenModel, optimizer, scheduler) -> dict | None:
+    def load(self, vm: VokenModel, optimizer, scheduler, scaler=None) -> dict | None:
         if self.dir is None or not (self.dir / "last" / "trainer.json").exists():
             return None
         trainer = io.read_json(self.dir / "last" / "trainer.json")
         if trainer.get("fingerprint") != self.fingerprint:
             logger.warning("resume state in %s belongs to another run (config or inputs changed): starting fresh", self.dir)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.writer:
+                shutil.rmtree(self.dir, ignore_errors=True)
             return None
         blob = torch.load(self.dir / "last" / "state.pt", map_location=vm.device, weights_only=False)
         vm.model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
         logger.info("resuming from %s after epoch %d", self.dir, trainer["epoch"])
         return trainer
 
-    def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict) -> None:
-        if self.dir is None:
+    def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict, scaler=None) -> None:
+        if self.dir is None or not self.writer:
             return
         with io.atomic_path(self.dir / "last") as tmp:
             tmp.mkdir()
-            torch.save({"model": vm.model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+            blob = {"model": vm.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()}
+            if scaler is not None and scaler.is_enabled():
+                blob["scaler"] = scaler.state_dict()
+            torch.save(blob, tmp / "state.pt")
             (tmp / "trainer.json").write_text(json.dumps({**trainer, "fingerprint": self.fingerprint},
                                                          indent=2, sort_keys=True, default=io._json_default))
 
     def save_best(self, vm: VokenModel, info: dict) -> None:
-        if self.dir is None:
+        if self.dir is None or not self.writer:
             return
         with io.atomic_path(self.dir / "best") as tmp:
             vm.save(tmp)
             (tmp / "best_epoch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=io._json_default))
 
     def clear(self) -> None:
-        if self.dir is not None:
+        if self.dir is not None and self.writer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -248,14 +276,25 @@ def _make_optimizer(vm: VokenModel, optim: OptimConfig, total_steps: int):
 def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray], dict[str, torch.Tensor]],
          val: Pairs, optim: OptimConfig, val_cfg: ValConfig, log: LogFn, ckpt: Checkpointer, seed: int,
          validate_initial: bool) -> dict:
+    rank, world = rank_and_world()
+    if rank != 0:   # one voice: only rank 0 logs and writes state
+        ckpt, log = ckpt.readonly(), _nolog
+    amp = autocast_dtype(optim.precision, vm.device)
+    scaler = torch.amp.GradScaler(vm.device.type, enabled=amp == torch.float16)
     steps_per_epoch = max(1, -(-n_train // optim.batch_size))
     opt, sched = _make_optimizer(vm, optim, steps_per_epoch * optim.epochs)
     sel = val_cfg.select_metric
     t0 = time.perf_counter()
-    trainer = ckpt.load(vm, opt, sched) or {"epoch": 0, "best_score": None, "best_epoch": None,
-                                           "best_val": None, "history": [], "stale": 0, "done": False,
-                                           "seconds": 0.0}
+    trainer = ckpt.load(vm, opt, sched, scaler) or {"epoch": 0, "best_score": None, "best_epoch": None,
+                                                   "best_val": None, "history": [], "stale": 0, "done": False,
+                                                   "seconds": 0.0}
     start = trainer["epoch"] + 1
+    runner = _StepRunner(vm.model, step_fn, amp)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the pretrained encoder's pooler gets no gradient from these losses: let DDP look for unused parameters
+        runner = DistributedDataParallel(runner, find_unused_parameters=True)
 
     def consider(epoch: int, vmetrics: dict) -> None:
         score = vmetrics[sel]
@@ -267,37 +306,56 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         else:
             trainer["stale"] += 1
 
+    def validated() -> dict:
+        # every rank decodes (no rank idles into a collective timeout); rank 0's figures decide for all
+        return _broadcast_object(validate(vm, val, val_cfg, seed))
+
     if start == 1 and validate_initial:
-        vmetrics = validate(vm, val, val_cfg, seed)
+        vmetrics = validated()
         _log_all(log, stage, {f"val_{k}": v for k, v in vmetrics.items()}, 0)
         consider(0, vmetrics)
         trainer["history"].append({"epoch": 0, **{f"val_{k}": v for k, v in vmetrics.items()}})
 
+    params = [p for p in vm.model.parameters() if p.requires_grad]
     for epoch in range(start, optim.epochs + 1):
         if trainer["done"]:
             break
         # per-epoch seeds: an epoch replayed after a resume sees the same order and dropout
-        torch.manual_seed(seed * 100_003 + epoch)
+        # (every rank draws the same order; dropout streams differ per rank)
+        torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
         vm.model.train()
         sums: dict[str, float] = {}
         n_batches = 0
         for b in range(0, n_train, optim.batch_size):
-            out = step_fn(order[b:b + optim.batch_size])
+            batch = order[b:b + optim.batch_size]
+            micro = _micro_batches(batch, rank, world, optim.grad_accum_steps)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            for i, (idx, share) in enumerate(micro):
+                # gradients are reduced across ranks once per step, on the last micro-batch
+                sync = world == 1 or i == len(micro) - 1
+                with (contextlib.nullcontext() if sync else runner.no_sync()):
+                    out = runner(idx)
+                    # DDP averages gradients over ranks: weight by world so the sum is the batch mean
+                    weight = share * world
+                    loss = out["loss"] if weight == 1.0 else out["loss"] * weight
+                    scaler.scale(loss).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + (float(v.detach()) if share == 1.0 else float(v.detach()) * share)
             if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in vm.model.parameters() if p.requires_grad], optim.grad_clip)
-            opt.step()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
             n_batches += 1
+        sums = _all_reduce_sums(sums)
         train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
-        vmetrics = validate(vm, val, val_cfg, seed)
+        vmetrics = validated()
         row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in vmetrics.items()}}
         _log_all(log, stage, {k: v for k, v in row.items() if k != "epoch"}, epoch)
-        logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        if rank == 0:
+            logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         consider(epoch, vmetrics)
         trainer["history"].append(row)
         trainer["epoch"] = epoch
@@ -305,19 +363,123 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
             trainer["done"] = True
         trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")})
+        ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")}, scaler)
 
+    _barrier()   # rank 0 has finished writing best/ before any rank reads it
     # leave the model holding the best validated weights
     if "_best_state" in trainer:
         vm.model.load_state_dict(trainer.pop("_best_state"))
     elif ckpt.best_dir is not None and ckpt.best_dir.exists():
         best = VokenModel.load(ckpt.best_dir, device=vm.device)
         vm.model.load_state_dict(best.model.state_dict())
+    _barrier()   # ... and every rank has read it before the caller may remove the state folder
     trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
     result = {"stage": stage, "best_epoch": trainer["best_epoch"], "epochs_run": trainer["epoch"],
-              "select_metric": sel, "seconds": trainer["seconds"], "history": trainer["history"]}
+              "select_metric": sel, "seconds": trainer["seconds"], "history": trainer["history"],
+              "precision": precision_name(amp), "grad_accum_steps": optim.grad_accum_steps, "world_size": world}
     result.update({f"val_{k}": v for k, v in (trainer["best_val"] or {}).items()})
     return result
+
+
+class _StepRunner(torch.nn.Module):
+    """The loss of one micro-batch as a module's forward, so DistributedDataParallel sees (and hooks) it.
+
+    The step functions call the model through :class:`VokenModel` helpers (separate encoder pass,
+    generate for negatives); wrapping the whole step keeps those paths unchanged under DDP.
+    """
+
+    def __init__(self, model: torch.nn.Module, step_fn: Callable[[np.ndarray], dict[str, torch.Tensor]],
+                 amp: torch.dtype | None):
+        super().__init__()
+        self.model = model
+        self._step_fn = step_fn
+        self._amp = amp
+
+    def forward(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        with autocast(next(self.model.parameters()).device, self._amp):
+            return self._step_fn(idx)
+
+
+def _micro_batches(batch: np.ndarray, rank: int, world: int, accum: int) -> list[tuple[np.ndarray, float]]:
+    """This rank's micro-batches of one global ``batch``, each with its share of the batch (its loss weight).
+
+    The batch is cut into ``world * accum`` near-equal parts (rank-major), so a short last batch of an
+    epoch still splits exactly. A part left empty (batch smaller than world * accum) runs one caption
+    at weight 0: every rank must still take part in the gradient all-reduce.
+    """
+    if world == 1 and accum == 1:
+        return [(batch, 1.0)]
+    parts = np.array_split(batch, world * accum)[rank * accum:(rank + 1) * accum]
+    return [(p, len(p) / len(batch)) if len(p) else (batch[:1], 0.0) for p in parts]
+
+
+# ====================================================================== distributed (torchrun)
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_world_size() -> int:
+    """World size ``torchrun`` announces in the environment (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group ``torchrun`` set up (nccl on CUDA, gloo on CPU); return this rank's device.
+
+    A no-op returning ``device`` when not launched with ``WORLD_SIZE > 1``. On CUDA each rank takes
+    the GPU of its ``LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    if launched_world_size() <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _broadcast_object(obj):
+    rank, world = rank_and_world()
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    _, world = rank_and_world()
+    if world == 1:
+        return sums
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def _barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _nolog(name: str, value: float, step: "int | None") -> None:
+    pass
 
 
 def _log_all(log: LogFn, stage: str, values: dict, step: int | None) -> None:

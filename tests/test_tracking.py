@@ -89,3 +89,13 @@ def test_incomplete_feature_store_is_refused(tmp_path):
     (tmp_path / "f" / "meta.json").unlink()  # what an interrupted features step leaves
     with pytest.raises(FileNotFoundError, match="run the features step"):
         featurestore.load(tmp_path / "f")
+
+
+def test_non_zero_torchrun_rank_opens_no_sacred_run(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 is recorded; other ranks compute without a Sacred run of their own."""
+    _tiny_store(tmp_path / "features")
+    monkeypatch.setenv("RANK", "1")
+    rc = main(["evaluate", "--params", str(REPO / "params/evaluate.yaml"), "--features", str(tmp_path / "features"),
+               "--out", str(tmp_path / "eval"), "--method", "dense", "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0 and not (tmp_path / "runs").exists()
+    assert json.loads((tmp_path / "eval/dense.json").read_text())["sacred_run_id"] == "evaluate/rank1"

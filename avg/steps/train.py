@@ -16,6 +16,12 @@ plus ``train.json`` (stage, best epoch, validation metrics, per-epoch history, s
 Resume: state is saved atomically after every epoch under ``--state-dir`` (default ``<out>.resume``);
 rerunning the same command after an interruption continues from the last finished epoch. The state
 folder is removed once ``--out`` is written.
+
+GPUs: ``precision`` (auto = bf16/fp16 on CUDA, fp32 on CPU) and ``grad_accum_steps`` (per stage) in
+params/train.yaml. Several GPUs: launch the same command with torchrun, e.g.
+``torchrun --nproc_per_node 4 -m avg train --stage generative ...``; ``batch_size`` stays the global
+batch (split across ranks), so results match a one-GPU run. Only rank 0 writes ``--out`` and the
+resume state.
 """
 from __future__ import annotations
 
@@ -80,17 +86,33 @@ def fingerprint(cfg: dict, args, files: list[Path]) -> str:
 
 
 # ---------------------------------------------------------------------- run
+def _device(cfg: dict):
+    """This process's device and precision check; under torchrun, joins the process group first."""
+    from avg import training as T
+    from avg.device import autocast_dtype, resolve_device
+
+    try:
+        device = resolve_device(cfg["device"])
+        if T.launched_world_size() > 1 and device.type == "cuda" and device.index is not None:
+            raise ValueError(f"device {cfg['device']!r} pins every torchrun rank to one GPU: set the `device` key "
+                             "of params/train.yaml to 'auto' or 'cuda' (each rank takes the GPU of its LOCAL_RANK)")
+        autocast_dtype(cfg.get("precision", "auto"), device)
+    except ValueError as exc:
+        raise UserError(f"params/train.yaml: {exc}") from None
+    return T.init_distributed(device)
+
+
 def run(args, cfg: dict, log, run_id: str) -> dict:
     import torch
 
     from avg import model as M
     from avg import training as T
     from avg.decode import token_trie
-    from avg.device import resolve_device
 
     if args.stage == "discriminative" and args.init_from is None:
         raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
-    device = resolve_device(cfg["device"])
+    device = _device(cfg)
+    rank, world = T.rank_and_world()
     torch.manual_seed(cfg["seed"])
     feats = featurestore.load(args.features)
     table, codes, declared, id_stats = read_identifiers(args.identifiers)
@@ -136,10 +158,10 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                                  Path(args.init_from) / "train.json" if args.init_from else None])
     ckpt = T.Checkpointer(state_dir, fp)
     val_cfg = T.ValConfig.from_dict(cfg["validation"])
+    d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}
     if args.stage == "generative":
-        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(cfg["generative"]), val_cfg, log, ckpt, cfg["seed"])
+        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(d), val_cfg, log, ckpt, cfg["seed"])
     else:
-        d = cfg["discriminative"]
         result = T.train_discriminative(vm, train, val, T.OptimConfig.from_dict(d), T.RankConfig.from_dict(d),
                                         val_cfg, log, ckpt, cfg["seed"])
 
@@ -149,10 +171,15 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),
             "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
             "validation_corpus": "val images (trie over their identifiers); val captions as queries"}
-    with io.atomic_path(out) as tmp:
-        vm.save(tmp)
-        io.write_json(tmp / "train.json", meta)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if rank == 0:   # the other ranks hold the same weights; one writer
+        with io.atomic_path(out) as tmp:
+            vm.save(tmp)
+            io.write_json(tmp / "train.json", meta)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if world > 1 and T.launched_world_size() > 1:   # the group torchrun had this step join
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     logger.info("%s: best epoch %s, val %s %.3f -> %s", args.stage, result["best_epoch"], val_cfg.select_metric,
                 result.get(f"val_{val_cfg.select_metric}", float("nan")), out)
     return {k: v for k, v in meta.items() if isinstance(v, (int, float, str)) or v is None}
