@@ -102,7 +102,7 @@ def bench_training(device, dtype, tiny: bool, size: str, batch: int, steps: int)
         times.append(time.perf_counter() - t0)
     step_s = sum(times[1:]) / steps
     return {"model": "tiny" if tiny else f"t5-{size}", "batch_size": batch, "steps": steps, "step_s": step_s,
-            "samples_per_s": batch / step_s, "final_loss": float(loss), "peak_mb": peak_mb(device)}
+            "samples_per_s": batch / step_s, "final_loss": float(loss.detach()), "peak_mb": peak_mb(device)}
 
 
 def main(argv: list[str] | None = None) -> dict:
