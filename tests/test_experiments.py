@@ -38,3 +38,32 @@ def test_paper_dry_run_plans_every_step(tmp_path, name, t5):
     assert f'"encoder": "{t5}"' in train["cmd"] and '"backbone": "t5"' in train["cmd"]
     feats = next(j for j in jobs if j["rule"] == "features")
     assert "clip:openai/clip-vit-large-patch14-336" in feats["cmd"]
+
+
+@pytest.mark.parametrize("name", ["flickr30k", "coco"])
+def test_dvc_exp_arguments_set_what_snakemake_would(tmp_path, name):
+    """workflow/experiment_args.py's -S arguments, applied by DVC's own override code, give the merged config."""
+    import shutil
+    import sys
+
+    from dvc.utils.hydra import apply_overrides
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    import experiment_args
+
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    exp = REPO / "params" / "experiments" / f"{name}.yaml"
+    by_file: dict[str, list[str]] = {}
+    for o in experiment_args.overrides(exp):
+        path, override = o.split(":", 1)
+        by_file.setdefault(path, []).append(override)
+    for path, ovs in by_file.items():
+        apply_overrides(tmp_path / path, ovs)
+    over = yaml.safe_load(exp.read_text())
+    for step, body in over.items():
+        got = params.load_file(tmp_path / "params" / f"{step}.yaml", step)
+        for key, value in experiment_args.leaves(body, step):
+            node = got
+            for part in key.split(".")[1:]:
+                node = node[part]
+            assert node == value, (key, node, value)
