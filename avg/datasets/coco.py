@@ -41,13 +41,7 @@ DEFAULTS = {
     "images_sha256": None,
     # published with the 2014 release and used by LAVIS, torchvision-based scripts and others
     "images_md5": ["0da8c0bd3d6becc4dcb32757491aca88", "a3d79f5ed8d289b7a7554ce06a5782b3"],
-    "annotations_url": karpathy.KARPATHY_URL,
-    "annotations_sha256": None,
-    "annotations_md5": None,
-    "restval_as_train": True,
-    "max_images": None,
-    "timeout_s": 60,
-    "retries": 3,
+    **karpathy.COMMON_DEFAULTS,
 }
 
 

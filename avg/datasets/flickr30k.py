@@ -39,13 +39,7 @@ DEFAULTS = {
     "images_url": None,
     "images_sha256": None,
     "images_md5": None,
-    "annotations_url": karpathy.KARPATHY_URL,
-    "annotations_sha256": None,
-    "annotations_md5": None,
-    "restval_as_train": True,
-    "max_images": None,
-    "timeout_s": 60,
-    "retries": 3,
+    **karpathy.COMMON_DEFAULTS,
 }
 
 

@@ -30,6 +30,16 @@ from avg.io import atomic_path
 logger = logging.getLogger(__name__)
 
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+# Settings every Karpathy-split source shares (the split file, retries); each source adds its images.
+COMMON_DEFAULTS = {
+    "annotations_url": KARPATHY_URL,
+    "annotations_sha256": None,
+    "annotations_md5": None,
+    "restval_as_train": True,
+    "max_images": None,
+    "timeout_s": 60,
+    "retries": 3,
+}
 JSON_SPLITS = ("train", "val", "test", "restval")
 
 
