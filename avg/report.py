@@ -516,7 +516,7 @@ def figure_utilisation(schemes: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
-BENCH_SIZE_KEYS = ("n_corpus", "corpus_size", "n_images", "corpus")
+BENCH_SIZE_KEYS = ("n_corpus", "corpus_size", "n_images", "corpus", "n")
 BENCH_LAT_KEYS = ("latency_ms", "latency_ms_mean", "ms_per_query")
 BENCH_QPS_KEYS = ("qps", "throughput_qps")
 BENCH_NAME_KEYS = ("method", "name", "decoder", "variant", "mode")
@@ -535,7 +535,8 @@ def bench_records(doc: Any) -> list[dict]:
     Accepted shapes: a list of records; ``{"records"|"results"|"rows"|"runs": [...]}``; or
     ``{method: [records]}``. Keys: corpus size in n_corpus/corpus_size/n_images, latency in
     latency_ms/latency_ms_mean/ms_per_query, throughput in qps/throughput_qps, the series name in
-    method/name/decoder/variant/mode.
+    method/name/decoder/variant/mode. A record may also hold one series per key (``{"n": 1000,
+    "constrained": {"latency_ms": ..}, "dense": {..}}``, what bench/bench_decoding.py writes).
     """
     items: list[tuple[str | None, dict]] = []
     if isinstance(doc, list):
@@ -552,8 +553,14 @@ def bench_records(doc: Any) -> list[dict]:
     out = []
     for name, rec in items:
         size = as_number(_first(rec, BENCH_SIZE_KEYS))
+        if size is None:
+            continue
+        nested = {k: v for k, v in rec.items() if isinstance(v, dict) and _first(v, BENCH_LAT_KEYS + BENCH_QPS_KEYS) is not None}
+        for series, sub in nested.items():
+            out.append({"method": series, "n_corpus": size, "latency_ms": as_number(_first(sub, BENCH_LAT_KEYS)),
+                        "qps": as_number(_first(sub, BENCH_QPS_KEYS))})
         lat, qps = as_number(_first(rec, BENCH_LAT_KEYS)), as_number(_first(rec, BENCH_QPS_KEYS))
-        if size is None or (lat is None and qps is None):
+        if lat is None and qps is None:
             continue
         label = _first(rec, BENCH_NAME_KEYS) or name or "benchmark"
         out.append({"method": str(label), "n_corpus": size, "latency_ms": lat, "qps": qps})

@@ -476,3 +476,17 @@ def test_headless_browser_renders_report_and_dvc_plots_offline(built, tmp_path):
                 html_template=str(REPO / ".dvc" / "plots" / "offline.html"))
     dom = dump(page)
     assert re.search(r"<(svg|canvas)[^>]*class=\"marks\"", dom), "vega-embed did not render the plot"
+
+
+def test_bench_records_read_the_decoding_benchmark_layout():
+    """bench/bench_decoding.py writes one row per corpus size with a dict per series."""
+    from avg.report import bench_records
+
+    doc = {"rows": [{"n": 1000, "constrained": {"latency_ms": 33.0, "qps": 115.0}, "dense": {"latency_ms": 0.05, "qps": 41000.0},
+                     "trie_bytes_per_id": 29.0},
+                    {"n": 1000000, "constrained": {"latency_ms": 34.0, "qps": 110.0}, "dense": {"latency_ms": 115.0, "qps": 9.0}}],
+           "setup": {"beams": 10}}
+    recs = bench_records(doc)
+    got = {(r["method"], r["n_corpus"]): (r["latency_ms"], r["qps"]) for r in recs}
+    assert got == {("constrained", 1000): (33.0, 115.0), ("dense", 1000): (0.05, 41000.0),
+                   ("constrained", 1000000): (34.0, 110.0), ("dense", 1000000): (115.0, 9.0)}

@@ -97,7 +97,7 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
     evals = [f"{D}/eval/{m}.json" for m in methods]
     idents = [f"{D}/identifiers/{s}.json" for s in schemes]
     cmd = (f"avg report --params params/report.yaml --dataset-dir {D} --evals {' '.join(evals)} "
-           f"--identifiers {' '.join(idents)} --runs runs --bench reports/bench --out {R}")
+           f"--identifiers {' '.join(idents)} --runs runs --bench reports/bench/decoding.json --out {R}")
     deps = [*evals, *[f"{D}/eval/{m}.rankings.tsv" for m in methods], *idents, f"{D}/raw",
             "avg/report.py", "avg/steps/report.py", "avg/resources/report.css", "avg/resources/published.yaml"]
     outs = [{f"{R}/{name}": {"cache": False}} for name in REPORT_FILES]

@@ -30,4 +30,4 @@ rule report:
         runtime=10,
     shell:
         "avg report --params-json {params.cfg:q} --dataset-dir {params.dataset_dir} --evals {input.evals} "
-        "--identifiers {input.identifiers} --runs runs --bench reports/bench --out {params.outdir} 2>&1 | tee {log}"
+        "--identifiers {input.identifiers} --runs runs --bench reports/bench/decoding.json --out {params.outdir} 2>&1 | tee {log}"
