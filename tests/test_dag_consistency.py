@@ -112,3 +112,15 @@ def test_render_follows_the_scheme_list(tmp_path):
     assert "tokenizer_avg" in stages and "tokenizer_rq" not in stages and "identifiers_atomic" not in stages
     assert "data/${data.name}/tokenizer/avg" in stages["identifiers_avg"]["deps"]
     assert not any("tokenizer" in d for d in stages["identifiers_kmeans"]["deps"] if d.startswith("data/"))
+
+
+def test_fresh_clone_with_committed_report_still_builds_everything(tmp_path):
+    """The report is tracked in git; a clone has it without the data behind it, and must rebuild the data."""
+    work = copy_project(tmp_path)
+    report = work / "reports" / "tuxpaint" / "comparison.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html>committed</html>")
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1"], cwd=work, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    planned = {l.split()[1].rstrip(":") for l in (out.stdout + out.stderr).splitlines() if l.startswith(("rule ", "localrule "))}
+    assert {"download", "features", "train_generative", "evaluate_generative", "report"} <= planned, planned
