@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from avg.metrics import dense_rankings, retrieval_metrics
+from avg.metrics import dense_rankings, l2_normalise, retrieval_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ DEFAULTS: dict = {
     "seed": 0,
 }
 Log = Callable[[str, float, "int | None"], None]
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def concat_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:

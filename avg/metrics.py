@@ -10,6 +10,12 @@ from typing import Sequence
 import numpy as np
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32), so a dot product is a cosine; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def gold_ranks(rankings: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """1-based rank of each query's gold item in its ranking; ``inf`` where it is absent."""
     rankings = np.asarray(rankings)

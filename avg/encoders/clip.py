@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from avg import device as devices
+from avg.encoders.images import load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -95,22 +96,6 @@ def _load_parts(model: str):
         logger.warning("%s has no preprocessor_config.json; using CLIP's default preprocessing at %d px", model, side)
         processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     return clip, tokenizer, processor
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully; transparency is composited onto white (stamps and icons are cut-outs)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def _pooled(out) -> torch.Tensor:

@@ -24,6 +24,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from avg.encoders.images import load_rgb
+from avg.metrics import l2_normalise
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -48,28 +51,6 @@ def imagenet_class_names() -> list[str]:
     names = text.splitlines()
     assert len(names) == N_CLASSES, f"imagenet_classes.txt has {len(names)} lines, expected {N_CLASSES}"
     return names
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; transparent pixels become white.
-
-    Many stamps are cut-outs with an alpha channel: dropping alpha would expose whatever colour the
-    transparent pixels happen to store (often black), which the classifier reads as content.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                img.mode == "P" and "transparency" in img.info
-            ) or (img.mode in ("L", "RGB", "I", "I;16") and "transparency" in img.info)
-            if has_alpha:
-                rgba = img.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(canvas, rgba).convert("RGB")
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -103,11 +84,6 @@ IMAGE_FITS = {"center_crop": resize_center_crop, "pad": pad_to_square}
 
 def preprocess(path: str | Path, size: int, fit: str = "center_crop") -> np.ndarray:
     return to_tensor(IMAGE_FITS[fit](load_rgb(path), size))
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
