@@ -30,13 +30,22 @@ RECALL_KEY = re.compile(r"^recall@(\d+)$")
 # ---------------------------------------------------------------------- data model
 @dataclass
 class Leakage:
-    """Whether test captions (e.g. pseudo-queries) reached training (design.md §6), and who said so."""
+    """Whether test captions reached training, or pseudo-queries written for the val/test images did
+    (design.md §6), and who said so."""
     uses_test_captions: bool = False
     source: str = "no flag in the eval/checkpoint metadata (off by default)"
+    pseudo_queries: str | None = None     # what pseudo-queries were trained on, e.g. "knn, 5 per image, val+test images"
 
     @property
     def label(self) -> str:
-        return "YES" if self.uses_test_captions else "no"
+        if self.uses_test_captions:
+            return "YES"
+        return f"pseudo-queries ({self.pseudo_queries})" if self.pseudo_queries else "no"
+
+    @property
+    def flagged(self) -> bool:
+        """Anything written for the evaluated images reached training: the row is not the clean headline."""
+        return self.uses_test_captions or bool(self.pseudo_queries)
 
 
 @dataclass
@@ -182,7 +191,7 @@ def main_columns(ks: list[int]) -> list[Column]:
              Column("split", "Split", text=True),
              Column("n_queries", "Queries"),
              Column("n_corpus", "Corpus images"),
-             Column("leakage", "Test captions in training", text=True),
+             Column("leakage", "Test captions / pseudo-queries in training", text=True),
              Column("runs", "Sacred runs", text=True)]
     return cols
 
@@ -203,7 +212,7 @@ def method_cells(r: MethodResult, ks: list[int]) -> dict[str, Cell]:
                                           fmt_percent(ident.get("collision_rate_before")), source=isrc)
     util = ident.get("utilisation_per_level")
     cells["utilisation_per_level"] = Cell(util, fmt_levels(util), source=isrc)
-    cells["leakage"] = Cell(r.leakage.uses_test_captions, r.leakage.label, source=r.leakage.source)
+    cells["leakage"] = Cell(r.leakage.flagged, r.leakage.label, source=r.leakage.source)
     cells["runs"] = Cell(r.runs, ", ".join(r.runs) if r.runs else MISSING)
     return cells
 
@@ -293,11 +302,26 @@ def published_table(published: dict | None) -> Table | None:
 
 
 LEAK_MARK = " [test captions in training]"
+PQ_MARK = " [pseudo-queries]"
 
 
 def display_name(r: MethodResult) -> str:
-    """A method's name wherever it appears outside the main table, flagged when test captions reached training."""
-    return r.name + (LEAK_MARK if r.leakage.uses_test_captions else "")
+    """A method's name wherever it appears outside the main table, flagged when test captions or
+    pseudo-queries for the evaluated images reached training."""
+    if r.leakage.uses_test_captions:
+        return r.name + LEAK_MARK
+    return r.name + (PQ_MARK if r.leakage.pseudo_queries else "")
+
+
+def pseudo_query_note(methods: list[MethodResult]) -> str | None:
+    """One sentence naming the rows trained on pseudo-queries, for the top of the report."""
+    pq = [r for r in methods if r.leakage.pseudo_queries and not r.leakage.uses_test_captions]
+    if not pq:
+        return None
+    what = "; ".join(f"{r.name}: {r.leakage.pseudo_queries}" for r in pq)
+    return (f"Trained on pseudo-queries written for the evaluated images ({what}). No test caption is used, but the "
+            "test images were seen as targets in training, as in the AVG authors' setup; compare these rows "
+            "with each other, and the others for the clean held-out setting.")
 
 
 def comparability_warnings(methods: list[MethodResult]) -> list[str]:
@@ -641,6 +665,7 @@ def summary_metrics(data: ReportData) -> dict:
         if r.train_seconds is not None:
             vals["train_seconds"] = r.train_seconds
         vals["uses_test_captions"] = r.leakage.uses_test_captions
+        vals["pseudo_queries"] = bool(r.leakage.pseudo_queries)
         out[r.name] = vals
     return out
 
@@ -704,6 +729,9 @@ def render_markdown(data: ReportData, main: Table, idents: Table, published: Tab
     if leaks:
         out += [f"> **Test captions used in training** by: {', '.join(leaks)} (design.md §6). Those rows are not a "
                 "clean held-out evaluation.", ""]
+    pq_note = pseudo_query_note(data.methods)
+    if pq_note:
+        out += [f"> {pq_note}", ""]
     for w in comparability_warnings(data.methods) + data.notes:
         out += [f"> {w}", ""]
     out += ["## Results (measured by this run)", "", table_markdown(main), ""]
@@ -745,8 +773,8 @@ def render_markdown(data: ReportData, main: Table, idents: Table, published: Tab
         for o in data.published.get("omitted") or []:
             out.append(f"- Not included: {o.get('what')} — {o.get('reason')}")
         out.append("")
-    out += ["## Settings", "", "### Test captions in training (design.md §6)", "",
-            "| Method | Test captions in training | Where the flag was read |", "|:---|:---|:---|"]
+    out += ["## Settings", "", "### Test captions / pseudo-queries in training (design.md §6)", "",
+            "| Method | Test captions / pseudo-queries in training | Where the flag was read |", "|:---|:---|:---|"]
     for r in data.methods:
         out.append(f"| {_md_escape(r.name)} | {r.leakage.label} | {_md_escape(r.leakage.source)} |")
     out += ["", "### Report parameters", "", "```yaml", _yaml({"report": data.cfg}), "```", ""]
@@ -863,6 +891,9 @@ def render_html(data: ReportData, main: Table, idents: Table, published: Table |
     if leaks:
         parts.append(f'<p class="leak"><strong>Test captions used in training</strong> by: {e(", ".join(leaks))} '
                      "(design.md §6). Those rows are not a clean held-out evaluation.</p>")
+    pq_note = pseudo_query_note(data.methods)
+    if pq_note:
+        parts.append(f'<p class="warning">{e(pq_note)}</p>')
     for w in comparability_warnings(data.methods) + data.notes:
         parts.append(f'<p class="warning">{e(w)}</p>')
     parts += ['<section id="results"><h2>Results (measured by this run)</h2>', table_html(main, "main-table")]
@@ -899,11 +930,11 @@ def render_html(data: ReportData, main: Table, idents: Table, published: Table |
             parts.append("<ul>" + "".join(f"<li>Not included: {e(o.get('what'))} — {e(o.get('reason'))}</li>"
                                           for o in omitted) + "</ul>")
         parts.append("</section>")
-    parts += ['<section id="settings"><h2>Settings</h2><h3>Test captions in training (design.md §6)</h3>',
-              '<table id="leakage-table"><thead><tr><th class="text">Method</th><th class="text">Test captions in '
-              'training</th><th class="text">Where the flag was read</th></tr></thead><tbody>']
+    parts += ['<section id="settings"><h2>Settings</h2><h3>Test captions / pseudo-queries in training (design.md §6)</h3>',
+              '<table id="leakage-table"><thead><tr><th class="text">Method</th><th class="text">Test captions / '
+              'pseudo-queries in training</th><th class="text">Where the flag was read</th></tr></thead><tbody>']
     for r in data.methods:
-        parts.append(f'<tr><td class="text">{e(r.name)}</td><td class="text{" yes" if r.leakage.uses_test_captions else ""}">'
+        parts.append(f'<tr><td class="text">{e(r.name)}</td><td class="text{" yes" if r.leakage.flagged else ""}">'
                      f'{e(r.leakage.label)}</td><td class="text">{e(r.leakage.source)}</td></tr>')
     parts += ["</tbody></table>", "<h3>Report parameters</h3>", f"<pre>{e(_yaml({'report': data.cfg}))}</pre>",
               "<h3>Parameters of the runs behind the table</h3>"]

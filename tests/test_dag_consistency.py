@@ -104,14 +104,29 @@ def test_render_follows_the_scheme_list(tmp_path):
     sys.path.insert(0, str(REPO / "workflow"))
     import dvc_stages
 
+    from avg.params import ParamsError
+
     (tmp_path / "params").mkdir()
     doc = yaml.safe_load((REPO / "params" / "identifiers.yaml").read_text())
     doc["identifiers"]["schemes"] = ["kmeans", "avg"]
     (tmp_path / "params" / "identifiers.yaml").write_text(yaml.safe_dump(doc))
+    train = yaml.safe_load((REPO / "params" / "train.yaml").read_text())
+    train["train"]["pseudo_queries"]["schemes"] = ["kmeans"]
+    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
     stages = dvc_stages.render(tmp_path / "params")["stages"]
     assert "tokenizer_avg" in stages and "tokenizer_rq" not in stages and "identifiers_atomic" not in stages
     assert "data/${data.name}/tokenizer/avg" in stages["identifiers_avg"]["deps"]
     assert not any("tokenizer" in d for d in stages["identifiers_kmeans"]["deps"] if d.startswith("data/"))
+    # the pseudo-query variant exists for kmeans only, trains with the flag and evaluates on kmeans' identifiers
+    assert "--pseudo-queries" in stages["train_generative_kmeans-pq"]["cmd"]
+    assert "--pseudo-queries" in stages["train_discriminative_kmeans-pq"]["cmd"]
+    assert "--pseudo-queries" not in stages["train_generative_kmeans"]["cmd"] and "train_generative_avg-pq" not in stages
+    assert "data/${data.name}/identifiers/kmeans.tsv" in stages["evaluate_kmeans-pq-gen"]["deps"]
+    assert "data/${data.name}/eval/kmeans-pq.json" in stages["report"]["deps"]
+    train["train"]["pseudo_queries"]["schemes"] = ["rq"]      # not built: a clear error, not a broken DAG
+    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
+    with pytest.raises(ParamsError, match="train.pseudo_queries.schemes.*identifiers.schemes"):
+        dvc_stages.render(tmp_path / "params")
 
 
 def test_fresh_clone_with_committed_report_still_builds_everything(tmp_path):

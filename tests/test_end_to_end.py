@@ -96,7 +96,13 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
 
     before = {step: n_runs(step) for step in ("download", "features", "tokenizer", "identifiers", "train", "evaluate")}
     n_evals = len(list((d / "eval").glob("*.json")))
-    assert n_evals == 1 + 2 * 4 and before["train"] == 2 * 4  # dense + (gen, gen+disc) x 4 schemes
+    # dense + (gen, gen+disc) x 4 schemes + (gen, gen+disc) with pseudo-queries for avg (train.pseudo_queries.schemes)
+    assert n_evals == 1 + 2 * 4 + 2 and before["train"] == 2 * 4 + 2
+    pq = json.loads((d / "checkpoints" / "avg-pq" / "train.json").read_text())["pseudo_queries"]
+    assert pq["source"] == "knn" and pq["test_images"] and pq["splits"] == ["val", "test"]
+    assert json.loads((d / "checkpoints" / "avg" / "train.json").read_text())["pseudo_queries"] is None
+    report_md = (work / "reports" / "shapes" / "comparison.md").read_text()
+    assert "| avg-pq |" in report_md.replace("**", "") and "pseudo-queries (knn, 5 per image" in report_md
 
     set_param(p / "evaluate.yaml", "evaluate.depth", 50)
     assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "report"}

@@ -51,7 +51,7 @@ def _rankings(path: Path, rows: list[tuple[str, str, str, list[str]]]) -> None:
     _write(path, "\n".join(lines) + "\n")
 
 
-def build_fixture(root: Path, *, leak: bool = False, with_upstream: bool = True) -> dict:
+def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upstream: bool = True) -> dict:
     """A dataset folder with 8 test images, 3 methods (dense, avg-gen, avg-disc), 2 schemes, runs and a bench."""
     ds = root / "data" / "toy"
     images = []
@@ -91,6 +91,11 @@ def build_fixture(root: Path, *, leak: bool = False, with_upstream: bool = True)
             "init_from": str(ds / "checkpoints" / "avg-gen")}
     if leak:
         disc["pseudo_queries"] = "test"
+    if pq:      # what avg.steps.train records for a -pq checkpoint (avg.pseudo_queries.describe)
+        disc["pseudo_queries"] = {"source": "knn", "per_image": 5, "file": None, "splits": ["val", "test"],
+                                  "n_queries": 80, "n_images": 16, "queries_per_split": {"test": 40, "val": 40},
+                                  "test_images": True}
+        gen["pseudo_queries"] = None      # a stage without them records null
     _write(ds / "checkpoints" / "avg-gen" / "train.json", gen)
     _write(ds / "checkpoints" / "avg-disc" / "train.json", disc)
     ident = {
@@ -238,7 +243,7 @@ def test_every_number_in_the_markdown_table_matches_its_json(built):
         else:
             assert row[col["Train time (s)"]] == R.MISSING and row[col["Collisions (images)"]] == R.MISSING
         assert ev["sacred_run_id"] in row[col["Sacred runs"]]
-        assert row[col["Test captions in training"]] == "no"
+        assert row[col["Test captions / pseudo-queries in training"]] == "no"
     assert checked >= 30
 
 
@@ -355,7 +360,7 @@ def test_leakage_flag_is_labelled_in_every_table(tmp_path, fast_figures):
     out = run_report(fx)
     md = (out / "comparison.md").read_text()
     header, rows = md_table(md, "Method")
-    flags = {r[0].strip("*"): r[header.index("Test captions in training")] for r in rows}
+    flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
     assert flags == {"dense": "no", "avg-disc": "YES", "avg-gen": "no"}
     assert "Test captions used in training" in md and "pseudo_queries" in md
     page = (out / "comparison.html").read_text()
@@ -363,6 +368,32 @@ def test_leakage_flag_is_labelled_in_every_table(tmp_path, fast_figures):
     assert html_flags == {"dense": False, "avg-disc": True, "avg-gen": False}
     assert 'class="leak"' in page
     assert "avg-disc" + R.LEAK_MARK in md                          # the examples name it flagged too
+
+
+def test_pseudo_query_rows_are_labelled_apart_from_test_caption_leaks(tmp_path, fast_figures):
+    """A -pq checkpoint is labelled with what it trained on; the params slice every run carries is not a flag."""
+    fx = build_fixture(tmp_path, pq=True)
+    for run in ("train/1", "train/2"):          # every train run's Sacred config holds the pseudo_queries params slice
+        cfg_path = fx["runs"] / run / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg.setdefault("train", {})["pseudo_queries"] = {"schemes": ["avg"], "source": "knn", "per_image": 5,
+                                                         "file": None, "splits": ["val", "test"]}
+        _write(cfg_path, cfg)
+    out = run_report(fx)
+    md = (out / "comparison.md").read_text()
+    header, rows = md_table(md, "Method")
+    flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
+    assert flags["dense"] == "no" and flags["avg-gen"] == "no"
+    assert flags["avg-disc"] == "pseudo-queries (knn, 5 per image, 80 for 16 val+test images)"
+    assert "Test captions used in training" not in md and "Trained on pseudo-queries written for the evaluated images" in md
+    assert "avg-disc" + R.PQ_MARK in md
+    page = (out / "comparison.html").read_text()
+    assert {r["method"][0]: r["leakage"][0] for r in html_table(page, "main-table")} == {
+        "dense": False, "avg-disc": True, "avg-gen": False}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"]["avg-disc"]["pseudo_queries"] is True
+    assert metrics["methods"]["avg-disc"]["uses_test_captions"] is False
+    assert metrics["methods"]["avg-gen"]["pseudo_queries"] is False
 
 
 def test_published_numbers_are_separate_and_sourced(tmp_path, fast_figures):

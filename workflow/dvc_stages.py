@@ -36,7 +36,12 @@ def stage(cmd: str, deps: list[str], params: list, outs: list, metrics: list | N
 
 
 def render(params_dir: Path) -> dict:
+    from avg.methods import method_names, parse, pseudo_query_schemes
+
     ident = yaml.safe_load((params_dir / "identifiers.yaml").read_text())["identifiers"]
+    train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
+    pq_schemes = pseudo_query_schemes({"identifiers": ident, "train": train})
+    methods = method_names(ident["schemes"], pq_schemes)
     stages: dict[str, dict] = {
         "download": stage(f"avg download --params params/data.yaml --out {D}/raw",
                           ["avg/steps/download.py", "avg/datasets"], _params("data"), [f"{D}/raw"]),
@@ -67,14 +72,15 @@ def render(params_dir: Path) -> dict:
             f"--out {D}/identifiers", deps, _params("identifiers"), outs, [f"{ids}.json"])
     for scheme in ident["schemes"]:
         stages.update(training_stages(scheme))
-    for scheme in ident["schemes"]:
-        for method in (f"{scheme}-gen", scheme):
-            stages[f"evaluate_{method}"] = stage(
-                f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
-                f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
-                [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
-                _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
-    methods = ["dense"] + [m for s in ident["schemes"] for m in (f"{s}-gen", s)]
+    for scheme in pq_schemes:
+        stages.update(training_stages(scheme, pseudo_queries=True))
+    for method in methods[1:]:
+        scheme = parse(method)[0]
+        stages[f"evaluate_{method}"] = stage(
+            f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
+            f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
+            [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
+            _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
     stages["report"] = report_stage(methods, ident["schemes"])
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
 
@@ -109,17 +115,20 @@ TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/deco
 EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/trie.py", "avg/metrics.py"]
 
 
-def training_stages(scheme: str) -> dict[str, dict]:
-    """Generative stage to <scheme>-gen, then the discriminative stage from it to <scheme>."""
+def training_stages(scheme: str, pseudo_queries: bool = False) -> dict[str, dict]:
+    """Generative stage to <name>-gen, then the discriminative stage from it to <name> (name = scheme[-pq])."""
     ids = f"{D}/identifiers/{scheme}"
     inputs = [f"{D}/features", f"{ids}.tsv", f"{ids}.json"] + ([] if scheme == "atomic" else [f"{ids}.codebook.npy"])
     base = f"avg train --params params/train.yaml --features {D}/features --identifiers {ids}.tsv"
-    gen, disc = f"{D}/checkpoints/{scheme}-gen", f"{D}/checkpoints/{scheme}"
+    name = f"{scheme}-pq" if pseudo_queries else scheme
+    flag = " --pseudo-queries" if pseudo_queries else ""
+    code = TRAIN_CODE + (["avg/pseudo_queries.py"] if pseudo_queries else [])
+    gen, disc = f"{D}/checkpoints/{name}-gen", f"{D}/checkpoints/{name}"
     return {
-        f"train_generative_{scheme}": stage(f"{base} --stage generative --out {gen}", inputs + TRAIN_CODE,
-                                            _params("train"), [gen]),
-        f"train_discriminative_{scheme}": stage(f"{base} --stage discriminative --init-from {gen} --out {disc}",
-                                                inputs + [gen] + TRAIN_CODE, _params("train"), [disc]),
+        f"train_generative_{name}": stage(f"{base} --stage generative{flag} --out {gen}", inputs + code,
+                                          _params("train"), [gen]),
+        f"train_discriminative_{name}": stage(f"{base} --stage discriminative{flag} --init-from {gen} --out {disc}",
+                                              inputs + [gen] + code, _params("train"), [disc]),
     }
 
 

@@ -129,15 +129,36 @@ def find_leakage(sources: list[tuple[str, dict]]) -> R.Leakage:
     Any stage saying yes wins: one stage trained on test captions taints the checkpoint.
     """
     found: R.Leakage | None = None
+    pq: tuple[str, str] | None = None
     for where, doc in sources:
         for scope in _scopes(doc):
             for key in LEAK_KEYS:
-                if key in scope and scope[key] is not None:
+                value = scope.get(key)
+                if key == "pseudo_queries" and isinstance(value, dict):
+                    # train.json's record of the pseudo-queries a stage trained on (avg.pseudo_queries.describe);
+                    # a params slice (train.pseudo_queries: schemes, source, ...) only configures the -pq methods
+                    if "n_queries" in value and pq is None:
+                        pq = (pseudo_query_label(value), f"pseudo_queries in {where}")
+                    continue
+                if value is not None:
                     flag = R.Leakage(leak_flag(scope[key]), f"{key}={json.dumps(scope[key], default=str)} in {where}")
                     if flag.uses_test_captions:
                         return flag
                     found = found or flag
+    if pq is not None:
+        return R.Leakage(False, pq[1], pseudo_queries=pq[0])
     return found or R.Leakage()
+
+
+def pseudo_query_label(rec: dict) -> str:
+    """e.g. 'knn, 5 per image, 1010 for 202 val+test images' from a train.json pseudo_queries record."""
+    how = rec.get("source") or "?"
+    if rec.get("per_image"):
+        how += f", {rec['per_image']} per image"
+    if rec.get("file"):
+        how += f" from {rec['file']}"
+    splits = "+".join(rec.get("splits") or [])
+    return f"{how}, {rec.get('n_queries')} for {rec.get('n_images')} {splits} images"
 
 
 def load_run(runs_dir: Path, run_id: str, label: str) -> R.RunInfo:

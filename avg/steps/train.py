@@ -54,12 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint to start from (required for --stage discriminative: the generative checkpoint)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write, e.g. data/tuxpaint/checkpoints/avg-gen")
     p.add_argument("--state-dir", type=Path, default=None, help="resume state folder (default: <out>.resume)")
+    p.add_argument("--pseudo-queries", action="store_true",
+                   help="also train on pseudo-queries for the images of train.pseudo_queries.splits (the -pq methods; "
+                        "labelled in every table)")
 
 
 def sacred_config(args) -> dict:
     return {"features": str(args.features), "identifiers": str(args.identifiers),
             "codebook": str(args.codebook) if args.codebook else None, "stage": args.stage,
-            "init_from": str(args.init_from) if args.init_from else None, "out": str(args.out)}
+            "init_from": str(args.init_from) if args.init_from else None, "out": str(args.out),
+            "use_pseudo_queries": bool(getattr(args, "pseudo_queries", False))}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -76,9 +80,30 @@ def split_pairs(feats: featurestore.Features, image_codes: dict[str, np.ndarray]
     return part.captions["caption"].astype(str).tolist(), corpus[gold] if len(gold) else corpus, gold, corpus
 
 
+def with_pseudo_queries(train: tuple, train_images: list[str], table, image_codes: dict[str, np.ndarray]) -> tuple:
+    """``train`` (captions, targets, gold, corpus) of :func:`split_pairs` plus one pair per pseudo-query.
+
+    ``train_images`` names the rows of the train corpus. The training corpus (the trie the discriminative
+    stage draws negatives from) grows by the pseudo-queried images it lacks, appended after the train images.
+    """
+    caps, targets, gold, corpus = train
+    row = {n: i for i, n in enumerate(train_images)}
+    names = [n for n in dict.fromkeys(table["image"]) if n not in row]
+    lacking = [n for n in names if n not in image_codes]
+    if lacking:
+        raise UserError(f"{len(lacking)} pseudo-queried image(s) have no identifier (e.g. {lacking[0]}): rerun `avg identifiers`")
+    extra = np.stack([image_codes[n] for n in names]) if names else np.zeros((0, corpus.shape[1]), np.int64)
+    row.update({n: len(corpus) + i for i, n in enumerate(names)})
+    pq_gold = np.array([row[n] for n in table["image"]], dtype=np.int64)
+    all_corpus = np.concatenate([corpus, extra])
+    return (caps + table["caption"].tolist(), np.concatenate([targets, all_corpus[pq_gold]]),
+            np.concatenate([gold, pq_gold]), all_corpus)
+
+
 def fingerprint(cfg: dict, args, files: list[Path]) -> str:
     """Identity of a run (config, stage and input contents): resume state is only reused for the same one."""
-    h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": args.stage}, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": args.stage, "pq": bool(getattr(args, "pseudo_queries", False))},
+                                  sort_keys=True, default=str).encode())
     for f in files:
         if f is not None and Path(f).is_file():
             h.update(Path(f).read_bytes())
@@ -142,10 +167,23 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         voken_init_used = mcfg.voken_init
         vm = M.build_model(mcfg, sizes, codebook, seed=cfg["seed"]).to(device)
 
+    pq_info = None
+    pq_table = None
+    if getattr(args, "pseudo_queries", False):
+        from avg import pseudo_queries as PQ
+
+        pq_table = PQ.build(feats, cfg["pseudo_queries"])
+        pq_info = PQ.describe(cfg["pseudo_queries"], pq_table, feats)
+        logger.info("pseudo-queries (%s): %d for %d images %s", pq_info["source"], pq_info["n_queries"],
+                    pq_info["n_images"], pq_info["queries_per_split"])
+
     def pairs(split: str) -> T.Pairs:
-        caps, targets, gold, corpus = split_pairs(feats, image_codes, split)
-        if not caps:
+        part = split_pairs(feats, image_codes, split)
+        if not part[0]:
             raise UserError(f"split {split!r} has no captions: training needs train and val captions")
+        if split == "train" and pq_table is not None:
+            part = with_pseudo_queries(part, feats.split("train").images["image"].tolist(), pq_table, image_codes)
+        caps, targets, gold, corpus = part
         return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus))
 
     train, val = pairs("train"), pairs("val")
@@ -155,7 +193,8 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".resume")
     cb_file = args.codebook or Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
     fp = fingerprint(cfg, args, [args.identifiers, cb_file, Path(args.features) / "captions.csv",
-                                 Path(args.init_from) / "train.json" if args.init_from else None])
+                                 Path(args.init_from) / "train.json" if args.init_from else None,
+                                 Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"]["file"] else None])
     ckpt = T.Checkpointer(state_dir, fp)
     val_cfg = T.ValConfig.from_dict(cfg["validation"])
     d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}
@@ -170,11 +209,14 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "features_run_id": feats.meta.get("sacred_run_id"), "init_from": str(args.init_from) if args.init_from else None,
             "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),
             "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
-            "validation_corpus": "val images (trie over their identifiers); val captions as queries"}
+            "validation_corpus": "val images (trie over their identifiers); val captions as queries",
+            "pseudo_queries": pq_info}
     if rank == 0:   # the other ranks hold the same weights; one writer
         with io.atomic_path(out) as tmp:
             vm.save(tmp)
             io.write_json(tmp / "train.json", meta)
+            if pq_table is not None:     # the exact extra training pairs, for inspection
+                io.write_csv(tmp / "pseudo_queries.csv", pq_table)
         shutil.rmtree(state_dir, ignore_errors=True)
     if world > 1 and T.launched_world_size() > 1:   # the group torchrun had this step join
         import torch.distributed as dist

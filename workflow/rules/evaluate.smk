@@ -19,8 +19,8 @@ rule evaluate_dense:
 
 
 def checkpoint_scheme(method):
-    """Checkpoint names are <scheme> (both training stages) or <scheme>-gen (generative stage only)."""
-    return method.removesuffix("-gen")
+    """Checkpoint names are <scheme>[-pq][-gen] (avg.methods); the identifier table is the scheme's."""
+    return parse_method(method)[0]
 
 
 rule evaluate_generative:
@@ -33,7 +33,7 @@ rule evaluate_generative:
         metrics=f"{DATA}/eval/{{method}}.json",
         rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
     wildcard_constraints:
-        method="[a-z0-9]+(-gen)?",
+        method="[a-z0-9]+(-pq)?(-gen)?",
     log:
         f"logs/{DATASET}/evaluate_{{method}}.log",
     params:

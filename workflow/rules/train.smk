@@ -6,17 +6,25 @@ def identifier_files(scheme):
     return files
 
 
+def pq_flag(name):
+    """<scheme>-pq checkpoints also train on pseudo-queries (params/train.yaml: train.pseudo_queries)."""
+    return "--pseudo-queries" if name.endswith("-pq") else ""
+
+
 rule train_generative:
     """Generative stage: cross-entropy from each train caption to its image's identifier; best epoch on val."""
     input:
-        unpack(lambda wildcards: identifier_files(wildcards.scheme)),
+        unpack(lambda wildcards: identifier_files(wildcards.name.removesuffix("-pq"))),
         features=f"{DATA}/features",
     output:
-        directory(f"{DATA}/checkpoints/{{scheme}}-gen"),
+        directory(f"{DATA}/checkpoints/{{name}}-gen"),
+    wildcard_constraints:
+        name="[a-z0-9]+(-pq)?",
     log:
-        f"logs/{DATASET}/train_generative_{{scheme}}.log",
+        f"logs/{DATASET}/train_generative_{{name}}.log",
     params:
         cfg=cfg_json("train"),
+        pq=lambda wildcards: pq_flag(wildcards.name),
     threads: workflow.cores
     resources:
         mem_mb=8000,
@@ -24,23 +32,24 @@ rule train_generative:
         gpu=GPU("train"),
     shell:
         "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
-        "--identifiers {input.identifiers} --stage generative --out {output} 2>&1 | tee {log}"
+        "--identifiers {input.identifiers} --stage generative {params.pq} --out {output} 2>&1 | tee {log}"
 
 
 rule train_discriminative:
     """Discriminative stage: listwise ranking of the gold identifier against constrained beams, plus CE."""
     input:
-        unpack(lambda wildcards: identifier_files(wildcards.scheme)),
+        unpack(lambda wildcards: identifier_files(wildcards.name.removesuffix("-pq"))),
         features=f"{DATA}/features",
-        init=f"{DATA}/checkpoints/{{scheme}}-gen",
+        init=f"{DATA}/checkpoints/{{name}}-gen",
     output:
-        directory(f"{DATA}/checkpoints/{{scheme}}"),
+        directory(f"{DATA}/checkpoints/{{name}}"),
     wildcard_constraints:
-        scheme="[a-z0-9]+",
+        name="[a-z0-9]+(-pq)?",
     log:
-        f"logs/{DATASET}/train_discriminative_{{scheme}}.log",
+        f"logs/{DATASET}/train_discriminative_{{name}}.log",
     params:
         cfg=cfg_json("train"),
+        pq=lambda wildcards: pq_flag(wildcards.name),
     threads: workflow.cores
     resources:
         mem_mb=8000,
@@ -48,4 +57,4 @@ rule train_discriminative:
         gpu=GPU("train"),
     shell:
         "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
-        "--identifiers {input.identifiers} --stage discriminative --init-from {input.init} --out {output} 2>&1 | tee {log}"
+        "--identifiers {input.identifiers} --stage discriminative {params.pq} --init-from {input.init} --out {output} 2>&1 | tee {log}"

@@ -1,0 +1,115 @@
+"""Pseudo-queries: training captions for corpus images that have none of their own.
+
+A generative retriever only learns identifiers it is trained to write. Images outside the train split
+(the val and test corpora) never appear as targets, so the model can reach them only through the
+semantics of their codes. The AVG authors' code closes that gap the way generative retrieval usually
+does (DSI-QG): it writes *pseudo-queries* for the corpus images (``tools/prepare_dataset.py
+--pseudo_file``, captions generated from the test images) and trains on them alongside the real pairs.
+
+Two sources, both blind to the captions of the images they describe:
+
+- ``knn``: the ``per_image`` train captions closest to the image in the shared feature space (caption
+  transfer: retrieval-based captioning with the features step's own encoder). Works offline.
+- ``file``: a CSV with ``image`` and ``caption`` columns written by any captioner (BLIP, an LLM, ...),
+  ``image`` keyed like ``images.csv``. This is how the paper's pseudo-queries are brought in.
+
+Design rule (design.md §6): training on anything written for test images is labelled wherever results
+are shown. The train step records :func:`describe` in ``train.json``; evaluate and report carry it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from avg.errors import UserError
+from avg.params import ParamsError
+
+SOURCES = ("knn", "file")
+
+
+def check_params(cfg: dict) -> None:
+    """Loud errors for combinations the schema cannot express (file source without a file)."""
+    if cfg["source"] == "file" and not cfg.get("file"):
+        raise ParamsError("params/train.yaml: train.pseudo_queries.source is 'file' but train.pseudo_queries.file "
+                          "is null: give the CSV (columns image, caption) or use source: knn")
+    if not cfg["splits"]:
+        raise ParamsError("params/train.yaml: train.pseudo_queries.splits is empty: list the splits whose images get "
+                          "pseudo-queries, e.g. [val, test]")
+
+
+def knn_captions(image_vecs: np.ndarray, text_vecs: np.ndarray, per_image: int,
+                 exclude: np.ndarray | None = None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For every image row, the ``per_image`` caption rows of highest inner product, best first.
+
+    ``exclude [n_images, n_captions]`` (bool) masks pairs that must not be chosen (an image's own captions).
+    Returns ``(caption rows [n, m], scores [n, m])``; ``m = min(per_image, n_captions)``.
+    """
+    m = min(per_image, text_vecs.shape[0])
+    rows = np.zeros((len(image_vecs), m), np.int64)
+    scores = np.zeros((len(image_vecs), m), np.float32)
+    for start in range(0, len(image_vecs), chunk):       # [chunk, n_captions] at a time: bounded memory
+        s = image_vecs[start:start + chunk] @ text_vecs.T
+        if exclude is not None:
+            s = np.where(exclude[start:start + chunk], -np.inf, s)
+        top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
+        order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+        rows[start:start + chunk] = np.take_along_axis(top, order, 1)
+        scores[start:start + chunk] = np.take_along_axis(s, rows[start:start + chunk], 1)
+    return rows, scores
+
+
+def from_knn(feats, splits: list[str], per_image: int) -> pd.DataFrame:
+    """``per_image`` nearest TRAIN captions of every image of ``splits`` (never a caption of another split)."""
+    target = np.flatnonzero(feats.images["split"].isin(splits).to_numpy())
+    pool = np.flatnonzero((feats.captions["split"] == "train").to_numpy())
+    if len(pool) == 0:
+        raise UserError("pseudo-queries (source knn) need train captions to transfer, and the feature store has none")
+    own = feats.captions["image_index"].to_numpy()[pool]
+    exclude = own[None, :] == target[:, None]             # a train image never gets its own caption again
+    rows, scores = knn_captions(feats.image[target], feats.text[pool], per_image, exclude)
+    caps = feats.captions["caption"].astype(str).to_numpy()[pool]
+    ok = np.isfinite(scores)
+    image = np.repeat(feats.images["image"].to_numpy()[target], rows.shape[1]).reshape(rows.shape)
+    return pd.DataFrame({"image": image[ok], "caption": caps[rows][ok], "score": scores[ok], "source": "knn"})
+
+
+def from_file(path: str | Path, feats, splits: list[str]) -> pd.DataFrame:
+    """Pseudo-queries written elsewhere: rows whose image is in ``splits``; unknown images are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"train.pseudo_queries.file {path} does not exist (params/train.yaml): give a CSV with "
+                        "columns image, caption")
+    table = pd.read_csv(path, keep_default_na=False)
+    missing = {"image", "caption"} - set(table.columns)
+    if missing:
+        raise UserError(f"{path} lacks column(s) {sorted(missing)}: pseudo-query files need image, caption")
+    split_of = dict(zip(feats.images["image"], feats.images["split"]))
+    unknown = sorted(set(table["image"]) - set(split_of))
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} image(s) are not in the feature store (e.g. {unknown[0]!r}); "
+                        "image must be the path as in features/images.csv")
+    table = table[table["caption"].astype(str).str.strip() != ""]
+    table = table[table["image"].map(split_of).isin(splits)]
+    return pd.DataFrame({"image": table["image"].to_numpy(), "caption": table["caption"].astype(str).to_numpy(),
+                         "score": np.nan, "source": "file"})
+
+
+def build(feats, cfg: dict) -> pd.DataFrame:
+    """The pseudo-queries of ``cfg`` (train.pseudo_queries): columns image, caption, score, source."""
+    check_params(cfg)
+    if cfg["source"] == "knn":
+        return from_knn(feats, list(cfg["splits"]), int(cfg["per_image"]))
+    return from_file(cfg["file"], feats, list(cfg["splits"]))
+
+
+def describe(cfg: dict, table: pd.DataFrame, feats) -> dict:
+    """What the report labels a method with: source, splits, counts, and whether test images got any."""
+    split_of = dict(zip(feats.images["image"], feats.images["split"]))
+    per_split = table["image"].map(split_of).value_counts().to_dict()
+    return {"source": cfg["source"], "per_image": int(cfg["per_image"]) if cfg["source"] == "knn" else None,
+            "file": str(cfg["file"]) if cfg["source"] == "file" else None, "splits": list(cfg["splits"]),
+            "n_queries": int(len(table)), "n_images": int(table["image"].nunique()),
+            "queries_per_split": {k: int(v) for k, v in sorted(per_split.items())},
+            "test_images": bool(per_split.get("test", 0))}

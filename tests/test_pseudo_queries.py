@@ -1,0 +1,139 @@
+"""Pseudo-queries: which captions each image gets, that no val/test caption leaks in, and the train-step wiring."""
+from __future__ import annotations
+
+import copy
+from argparse import Namespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from avg import featurestore, io
+from avg import pseudo_queries as PQ
+from avg.errors import UserError
+from avg.params import ParamsError
+
+CFG = {"schemes": ["avg"], "source": "knn", "per_image": 2, "file": None, "splits": ["val", "test"]}
+
+
+def store(n_images: int = 10, dim: int = 6, seed: int = 0) -> featurestore.Features:
+    """Images split train/train/val/test/train..., one caption each; caption vectors near their image's."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n_images, dim)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = img + 0.05 * rng.standard_normal(img.shape).astype(np.float32)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    splits = [("train", "train", "val", "test")[i % 4] for i in range(n_images)]
+    images = pd.DataFrame({"image": [f"i{i}.png" for i in range(n_images)], "split": splits})
+    caps = pd.DataFrame({"caption_id": range(n_images), "image": images["image"], "caption": [f"caption of {i}" for i in range(n_images)],
+                         "split": splits, "image_index": range(n_images)})
+    return featurestore.Features(img, images, txt, caps, {"encoder": "synthetic"})
+
+
+def test_knn_captions_ranks_by_inner_product_and_respects_the_mask():
+    images = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    texts = np.array([[0.9, 0.1], [0.1, 0.9], [0.7, 0.7], [-1.0, 0.0]], np.float32)
+    rows, scores = PQ.knn_captions(images, texts, 2)
+    assert rows.tolist() == [[0, 2], [1, 2]]
+    assert np.allclose(scores, [[0.9, 0.7], [0.9, 0.7]])
+    exclude = np.zeros((2, 4), bool)
+    exclude[0, 0] = True                                   # image 0 may not take caption 0
+    rows, _ = PQ.knn_captions(images, texts, 2, exclude, chunk=1)
+    assert rows.tolist() == [[2, 1], [1, 2]]
+    rows, _ = PQ.knn_captions(images, texts, 10)           # more than there are: every caption, best first
+    assert rows.shape == (2, 4) and rows[0].tolist() == [0, 2, 1, 3]
+
+
+def test_knn_pseudo_queries_come_from_train_captions_only():
+    feats = store()
+    table = PQ.build(feats, CFG)
+    split_of = dict(zip(feats.images["image"], feats.images["split"]))
+    target = [n for n, s in split_of.items() if s in ("val", "test")]
+    assert sorted(table["image"].unique()) == sorted(target)
+    assert (table.groupby("image").size() == 2).all()
+    train_caps = set(feats.captions.loc[feats.captions["split"] == "train", "caption"])
+    assert set(table["caption"]) <= train_caps                 # never a val/test caption, least of all the image's own
+    # best first: each image's first pseudo-query is the train caption nearest its feature
+    for name, group in table.groupby("image", sort=False):
+        i = feats.images.index[feats.images["image"] == name][0]
+        pool = feats.captions[feats.captions["split"] == "train"]
+        best = pool["caption"].iloc[int(np.argmax(feats.text[pool.index] @ feats.image[i]))]
+        assert group["caption"].iloc[0] == best
+    info = PQ.describe(CFG, table, feats)
+    assert info["n_queries"] == 2 * len(target) and info["test_images"] is True
+    assert info["queries_per_split"] == {"test": 2 * sum(s == "test" for s in split_of.values()),
+                                         "val": 2 * sum(s == "val" for s in split_of.values())}
+
+
+def test_train_images_never_get_their_own_caption_back():
+    feats = store()
+    table = PQ.build(feats, {**CFG, "splits": ["train"], "per_image": 1})
+    own = dict(zip(feats.captions["image"], feats.captions["caption"]))
+    assert len(table) == (feats.images["split"] == "train").sum()
+    assert all(own[img] != cap for img, cap in zip(table["image"], table["caption"]))
+
+
+def test_file_source_filters_splits_and_names_bad_input(tmp_path):
+    feats = store()
+    good = tmp_path / "pq.csv"
+    pd.DataFrame({"image": ["i2.png", "i3.png", "i0.png", "i3.png"],
+                  "caption": ["a val image", "a test image", "a train image", " "]}).to_csv(good, index=False)
+    table = PQ.build(feats, {**CFG, "source": "file", "file": str(good)})
+    assert table["caption"].tolist() == ["a val image", "a test image"]      # train row filtered, blank dropped
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"image": ["nope.png"], "caption": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(UserError, match="nope.png.*images.csv"):
+        PQ.build(feats, {**CFG, "source": "file", "file": str(bad)})
+    pd.DataFrame({"img": ["i2.png"], "text": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(UserError, match="image, caption"):
+        PQ.build(feats, {**CFG, "source": "file", "file": str(bad)})
+    with pytest.raises(UserError, match="does not exist"):
+        PQ.build(feats, {**CFG, "source": "file", "file": str(tmp_path / "missing.csv")})
+    with pytest.raises(ParamsError, match="train.pseudo_queries.file"):
+        PQ.build(feats, {**CFG, "source": "file", "file": None})
+
+
+def test_extra_pairs_reuse_train_rows_and_append_new_images():
+    from avg.steps.train import with_pseudo_queries
+
+    codes = {"a": np.array([0, 0]), "b": np.array([0, 1]), "v": np.array([1, 0]), "t": np.array([1, 1])}
+    train = (["cap a", "cap b"], np.stack([codes["a"], codes["b"]]), np.array([0, 1]), np.stack([codes["a"], codes["b"]]))
+    table = pd.DataFrame({"image": ["v", "t", "a", "v"], "caption": ["p1", "p2", "p3", "p4"]})
+    caps, targets, gold, corpus = with_pseudo_queries(train, ["a", "b"], table, codes)
+    assert caps == ["cap a", "cap b", "p1", "p2", "p3", "p4"]
+    assert corpus.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]           # no duplicate row for the train image a
+    assert gold.tolist() == [0, 1, 2, 3, 0, 2]
+    assert (targets == corpus[gold]).all()
+    with pytest.raises(UserError, match="no identifier"):
+        with_pseudo_queries(train, ["a", "b"], pd.DataFrame({"image": ["zz"], "caption": ["p"]}), codes)
+
+
+def test_train_step_records_and_uses_pseudo_queries(tmp_path):
+    from test_training import step_cfg, write_synthetic
+
+    from avg.steps import train as step
+
+    features, ids = write_synthetic(tmp_path)
+    cfg = step_cfg(epochs=1)
+    cfg["pseudo_queries"] = copy.deepcopy({**CFG, "per_image": 3})
+    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                     out=tmp_path / "ckpt" / "avg-pq-gen", state_dir=None, pseudo_queries=True)
+    step.run(args, cfg, lambda *a: None, "train/1")
+    meta = io.read_json(args.out / "train.json")
+    feats = featurestore.load(features)
+    n_eval_images = int(feats.images["split"].isin(["val", "test"]).sum())
+    n_train_caps = int((feats.captions["split"] == "train").sum())
+    assert meta["pseudo_queries"]["n_queries"] == 3 * n_eval_images and meta["pseudo_queries"]["source"] == "knn"
+    assert meta["n_train_captions"] == n_train_caps + 3 * n_eval_images
+    written = pd.read_csv(args.out / "pseudo_queries.csv")
+    assert len(written) == 3 * n_eval_images
+    assert set(written["caption"]) <= set(feats.captions.loc[feats.captions["split"] == "train", "caption"])
+
+    disc = Namespace(**{**vars(args), "stage": "discriminative", "init_from": args.out, "out": tmp_path / "ckpt" / "avg-pq"})
+    step.run(disc, cfg, lambda *a: None, "train/2")
+    assert io.read_json(disc.out / "train.json")["pseudo_queries"]["n_images"] == n_eval_images
+
+    plain = Namespace(**{**vars(args), "pseudo_queries": False, "out": tmp_path / "ckpt" / "avg-gen"})
+    step.run(plain, cfg, lambda *a: None, "train/3")
+    assert io.read_json(plain.out / "train.json")["pseudo_queries"] is None
+    assert not (plain.out / "pseudo_queries.csv").exists()
