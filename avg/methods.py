@@ -3,6 +3,7 @@
 A method is a checkpoint name: ``<scheme>`` (generative + discriminative stages), ``<scheme>-gen``
 (generative stage only), and, for the schemes in ``train.pseudo_queries.schemes``, the same two trained
 with pseudo-queries: ``<scheme>-pq``, ``<scheme>-pq-gen``. ``dense`` is the two-tower baseline.
+``<method>-rr`` is a generative method's candidates reranked (``evaluate.rerank.methods``, avg.rerank).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 
 from avg.params import ParamsError
 
-METHOD = re.compile(r"^(?P<scheme>[a-z0-9]+)(?P<pq>-pq)?(?P<gen>-gen)?$")
+METHOD = re.compile(r"^(?P<scheme>[a-z0-9]+)(?P<pq>-pq)?(?P<gen>-gen)?(?P<rr>-rr)?$")
 
 
 def pseudo_query_schemes(config: dict) -> list[str]:
@@ -24,15 +25,37 @@ def pseudo_query_schemes(config: dict) -> list[str]:
     return pq
 
 
-def method_names(schemes: list[str], pq_schemes: list[str]) -> list[str]:
-    """dense, then per scheme <s>-gen and <s>, then per pseudo-query scheme <s>-pq-gen and <s>-pq."""
+def rerank_methods(config: dict, generative: list[str]) -> list[str]:
+    """``evaluate.rerank.methods``, each of which must be a generative method the DAG evaluates."""
+    wanted = list(config["evaluate"]["rerank"]["methods"])
+    unknown = [m for m in wanted if m not in generative]
+    if unknown:
+        raise ParamsError(f"params/evaluate.yaml: evaluate.rerank.methods names {unknown}, which the DAG does not "
+                          f"evaluate (generative methods: {', '.join(generative)}); fix the list, or the schemes in "
+                          "params/identifiers.yaml / train.pseudo_queries.schemes in params/train.yaml")
+    return wanted
+
+
+def method_names(schemes: list[str], pq_schemes: list[str], reranked: list[str] = ()) -> list[str]:
+    """dense, then per scheme <s>-gen and <s>, then per pseudo-query scheme <s>-pq-gen and <s>-pq, then <m>-rr."""
     return (["dense"] + [m for s in schemes for m in (f"{s}-gen", s)]
-            + [m for s in pq_schemes for m in (f"{s}-pq-gen", f"{s}-pq")])
+            + [m for s in pq_schemes for m in (f"{s}-pq-gen", f"{s}-pq")] + [f"{m}-rr" for m in reranked])
+
+
+def all_methods(config: dict) -> list[str]:
+    """Every method the DAG evaluates under ``config`` (validated, as both front doors use it)."""
+    schemes = list(config["identifiers"]["schemes"])
+    generative = method_names(schemes, pseudo_query_schemes(config))
+    return generative + [f"{m}-rr" for m in rerank_methods(config, generative[1:])]
 
 
 def parse(method: str) -> tuple[str, bool, bool]:
-    """``(scheme, pseudo_queries, generative_only)`` of a checkpoint name, e.g. avg-pq-gen -> (avg, True, True)."""
+    """``(scheme, pseudo_queries, generative_only)`` of a method name, e.g. avg-pq-gen -> (avg, True, True)."""
     m = METHOD.match(method)
     if m is None:
-        raise ValueError(f"{method!r} is not a method name (<scheme>[-pq][-gen])")
+        raise ValueError(f"{method!r} is not a method name (<scheme>[-pq][-gen][-rr])")
     return m["scheme"], bool(m["pq"]), bool(m["gen"])
+
+
+def is_reranked(method: str) -> bool:
+    return method.endswith("-rr")

@@ -113,6 +113,9 @@ def test_render_follows_the_scheme_list(tmp_path):
     train = yaml.safe_load((REPO / "params" / "train.yaml").read_text())
     train["train"]["pseudo_queries"]["schemes"] = ["kmeans"]
     (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
+    evaluate = yaml.safe_load((REPO / "params" / "evaluate.yaml").read_text())
+    evaluate["evaluate"]["rerank"]["methods"] = ["avg"]
+    (tmp_path / "params" / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
     stages = dvc_stages.render(tmp_path / "params")["stages"]
     assert "tokenizer_avg" in stages and "tokenizer_rq" not in stages and "identifiers_atomic" not in stages
     assert "data/${data.name}/tokenizer/avg" in stages["identifiers_avg"]["deps"]
@@ -123,9 +126,18 @@ def test_render_follows_the_scheme_list(tmp_path):
     assert "--pseudo-queries" not in stages["train_generative_kmeans"]["cmd"] and "train_generative_avg-pq" not in stages
     assert "data/${data.name}/identifiers/kmeans.tsv" in stages["evaluate_kmeans-pq-gen"]["deps"]
     assert "data/${data.name}/eval/kmeans-pq.json" in stages["report"]["deps"]
+    assert "data/${data.name}/eval/avg.rankings.tsv" in stages["evaluate_avg-rr"]["deps"]
+    assert "--rerank data/${data.name}/eval/avg.json" in stages["evaluate_avg-rr"]["cmd"]
+    assert "evaluate_avg-pq-rr" not in stages and "evaluate_kmeans-rr" not in stages
     train["train"]["pseudo_queries"]["schemes"] = ["rq"]      # not built: a clear error, not a broken DAG
     (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
     with pytest.raises(ParamsError, match="train.pseudo_queries.schemes.*identifiers.schemes"):
+        dvc_stages.render(tmp_path / "params")
+    train["train"]["pseudo_queries"]["schemes"] = []
+    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
+    evaluate["evaluate"]["rerank"]["methods"] = ["avg-pq"]    # no longer built: named, with the fix
+    (tmp_path / "params" / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
+    with pytest.raises(ParamsError, match="evaluate.rerank.methods.*avg-pq"):
         dvc_stages.render(tmp_path / "params")
 
 

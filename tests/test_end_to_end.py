@@ -97,7 +97,10 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     before = {step: n_runs(step) for step in ("download", "features", "tokenizer", "identifiers", "train", "evaluate")}
     n_evals = len(list((d / "eval").glob("*.json")))
     # dense + (gen, gen+disc) x 4 schemes + (gen, gen+disc) with pseudo-queries for avg (train.pseudo_queries.schemes)
-    assert n_evals == 1 + 2 * 4 + 2 and before["train"] == 2 * 4 + 2
+    # + avg and avg-pq reranked (evaluate.rerank.methods)
+    assert n_evals == 1 + 2 * 4 + 2 + 2 and before["train"] == 2 * 4 + 2
+    rr = json.loads((d / "eval" / "avg-rr.json").read_text())
+    assert rr["rerank"]["from"] == "avg" and rr["recall@10"] == json.loads((d / "eval" / "avg.json").read_text())["recall@10"]
     pq = json.loads((d / "checkpoints" / "avg-pq" / "train.json").read_text())["pseudo_queries"]
     assert pq["source"] == "knn" and pq["test_images"] and pq["splits"] == ["val", "test"]
     assert json.loads((d / "checkpoints" / "avg" / "train.json").read_text())["pseudo_queries"] is None
@@ -105,7 +108,7 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     assert "| avg-pq |" in report_md.replace("**", "") and "pseudo-queries (knn, 5 per image" in report_md
 
     set_param(p / "evaluate.yaml", "evaluate.depth", 50)
-    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "report"}
+    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "evaluate_rerank", "report"}
     status = sh(["dvc", "status"], work)
     changed = {l.strip().rstrip(":") for l in status.splitlines() if l and not l.startswith((" ", "\t"))}
     assert changed and all(name.startswith("evaluate_") for name in changed), status

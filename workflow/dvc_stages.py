@@ -36,12 +36,14 @@ def stage(cmd: str, deps: list[str], params: list, outs: list, metrics: list | N
 
 
 def render(params_dir: Path) -> dict:
-    from avg.methods import method_names, parse, pseudo_query_schemes
+    from avg.methods import all_methods, is_reranked, parse, pseudo_query_schemes
 
     ident = yaml.safe_load((params_dir / "identifiers.yaml").read_text())["identifiers"]
     train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
-    pq_schemes = pseudo_query_schemes({"identifiers": ident, "train": train})
-    methods = method_names(ident["schemes"], pq_schemes)
+    evaluate = yaml.safe_load((params_dir / "evaluate.yaml").read_text())["evaluate"]
+    config = {"identifiers": ident, "train": train, "evaluate": evaluate}
+    pq_schemes = pseudo_query_schemes(config)
+    methods = all_methods(config)
     stages: dict[str, dict] = {
         "download": stage(f"avg download --params params/data.yaml --out {D}/raw",
                           ["avg/steps/download.py", "avg/datasets"], _params("data"), [f"{D}/raw"]),
@@ -76,6 +78,15 @@ def render(params_dir: Path) -> dict:
         stages.update(training_stages(scheme, pseudo_queries=True))
     for method in methods[1:]:
         scheme = parse(method)[0]
+        if is_reranked(method):
+            src = method.removesuffix("-rr")
+            stages[f"evaluate_{method}"] = stage(
+                f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
+                f"--rerank {D}/eval/{src}.json",
+                [f"{D}/features", f"{D}/eval/{src}.json", f"{D}/eval/{src}.rankings.tsv", "avg/steps/evaluate.py",
+                 "avg/rerank.py", "avg/metrics.py"],
+                _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
+            continue
         stages[f"evaluate_{method}"] = stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
             f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",

@@ -2,7 +2,10 @@
 
 ``--method dense`` is the two-tower reference: cosine ranking of the same features every other method
 uses. ``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers.
-Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and ``<method>.rankings.tsv``.
+``--rerank <eval json of a generative method>`` reorders that method's top ``evaluate.rerank.depth``
+images by the feature inner product (:mod:`avg.rerank`); its latency is the generative method's plus the
+rerank's, measured here. Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
+``<method>.rankings.tsv``.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="name of the evaluated method (dense, or a checkpoint's name)")
     p.add_argument("--checkpoint", type=Path, default=None, help="generative checkpoint folder (omit for dense)")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table of the checkpoint's scheme")
+    p.add_argument("--rerank", type=Path, default=None,
+                   help="eval json of a generative method (its .rankings.tsv beside it) whose candidates to rerank")
 
 
 def time_queries(search, queries: np.ndarray, n_latency: int, batch_size: int) -> dict:
@@ -70,6 +75,56 @@ def evaluate_dense(feats: featurestore.Features, cfg: dict) -> tuple[dict, np.nd
     return metrics, rankings, scores
 
 
+def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``source_json``'s rankings reranked by the feature inner product (:func:`avg.rerank.rerank`)."""
+    from avg.rerank import rerank
+
+    source_json = Path(source_json)
+    tsv = source_json.with_name(source_json.name.removesuffix(".json") + ".rankings.tsv")
+    if not source_json.is_file() or not tsv.is_file():
+        raise UserError(f"--rerank {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
+    source = io.read_json(source_json)
+    if source.get("split") != cfg["split"]:
+        raise UserError(f"--rerank {source_json} was evaluated on split {source.get('split')!r}, but evaluate.split is "
+                        f"{cfg['split']!r} (params/evaluate.yaml): evaluate it again on {cfg['split']!r} first")
+    table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype={"caption_id": str})
+    row_of = {name: i for i, name in enumerate(feats.images["image"])}
+    by_id = dict(zip(table["caption_id"], table["ranked"]))
+    ids = feats.captions["caption_id"].astype(str)
+    missing = [c for c in ids if c not in by_id]
+    if missing:
+        raise UserError(f"{tsv} has no ranking for {len(missing)} caption(s) of split {cfg['split']!r} (e.g. {missing[0]}): "
+                        "it comes from another feature store or a max_queries run; evaluate that method again")
+    width = max(1, max(len([x for x in by_id[c].split("|") if x]) for c in ids))
+    candidates = np.full((len(ids), width), -1, np.int64)
+    for i, c in enumerate(ids):
+        for j, name in enumerate(x for x in by_id[c].split("|") if x):
+            if name not in row_of:
+                raise UserError(f"{tsv} ranks {name!r}, which is not an image of split {cfg['split']!r} in the features")
+            candidates[i, j] = row_of[name]
+    depth = cfg["rerank"]["depth"]
+    queries, corpus = feats.text, feats.image
+    rankings, scores = rerank(candidates, queries, corpus, depth)
+    metrics = retrieval_metrics(rankings, feats.captions["image_index"].to_numpy(), cfg["ks"])
+    # the rerank's own cost, timed like every other method, then added to the generative method's
+    idx = np.arange(len(queries))
+    rr = time_queries(lambda rows: rerank(candidates[rows[:, 0]], queries[rows[:, 0]], corpus, depth),
+                      idx[:, None], cfg["latency_queries"], cfg["batch_size"])
+    rerank_s = 1.0 / rr["qps"] if rr["qps"] not in (0, float("inf")) else 0.0
+    src_qps = source.get("qps") or float("inf")
+    metrics.update({
+        "latency_ms": (source.get("latency_ms") or 0.0) + rr["latency_ms"],
+        "latency_ms_median": (source.get("latency_ms_median") or 0.0) + rr["latency_ms_median"],
+        "qps": 1.0 / (1.0 / src_qps + rerank_s), "timing_batch_size": source.get("timing_batch_size"),
+        "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"), "scheme": source.get("scheme"),
+        "rerank": {"from": source.get("method"), "from_json": str(source_json), "depth": depth,
+                   "score": "inner product of the caption and image features (the dense baseline's score)",
+                   "source_recall": {k: source.get(k) for k in source if k.startswith("recall@")},
+                   "rerank_latency_ms": rr["latency_ms"], "source_latency_ms": source.get("latency_ms")},
+        "source_sacred_run_id": source.get("sacred_run_id")})
+    return metrics, rankings, scores
+
+
 def run(args, cfg: dict, log, run_id: str) -> dict:
     if cfg["depth"] < max(cfg["ks"]):
         raise UserError(f"evaluate.depth ({cfg['depth']}) is below the largest of evaluate.ks ({max(cfg['ks'])}) "
@@ -77,7 +132,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     feats = featurestore.load(args.features).split(cfg["split"])
     if len(feats.captions) == 0:
         raise UserError(f"split {cfg['split']!r} has no captions; set evaluate.split in params/evaluate.yaml")
-    if args.checkpoint is None:
+    if getattr(args, "rerank", None) is not None:
+        metrics, rankings, scores = evaluate_reranked(args.rerank, feats, cfg)
+    elif args.checkpoint is None:
         metrics, rankings, scores = evaluate_dense(feats, cfg)
     else:
         from avg.generative_eval import evaluate_generative

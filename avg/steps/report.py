@@ -235,6 +235,10 @@ def image_loader(raw_dir: Path):
 
 
 # ---------------------------------------------------------------------- tracing one method
+def fmt_ms(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
+
+
 def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     metrics = read_json_input(eval_path, "evaluation json")
     name = str(metrics.get("method") or eval_path.name.removesuffix(".json"))
@@ -242,6 +246,10 @@ def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     r.rankings = read_rankings(eval_path)
     if r.rankings is None:
         r.notes.append("no rankings file beside the eval json: left out of the example queries")
+    rr = metrics.get("rerank")
+    if isinstance(rr, dict):
+        r.notes.append(f"retrieve, then rerank: the top {rr.get('depth')} images of {rr.get('from')} reordered by the "
+                       f"{rr.get('score')}; latency = {rr.get('from')}'s + the rerank's ({fmt_ms(rr.get('rerank_latency_ms'))} ms)")
     r.train_stages = train_chain(metrics.get("checkpoint"), r.notes) if metrics.get("checkpoint") else []
     last = r.train_stages[-1] if r.train_stages else {}
     ident_table = metrics.get("identifiers")

@@ -50,3 +50,28 @@ rule evaluate_generative:
 
 
 ruleorder: evaluate_dense > evaluate_generative
+
+
+rule evaluate_rerank:
+    """A generative method's top candidates reranked by the feature inner product (retrieve, then rerank)."""
+    input:
+        features=f"{DATA}/features",
+        source=f"{DATA}/eval/{{method}}.json",
+        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+    output:
+        metrics=f"{DATA}/eval/{{method}}-rr.json",
+        rankings=f"{DATA}/eval/{{method}}-rr.rankings.tsv",
+    wildcard_constraints:
+        method="[a-z0-9]+(-pq)?(-gen)?",
+    log:
+        f"logs/{DATASET}/evaluate_{{method}}-rr.log",
+    params:
+        cfg=cfg_json("evaluate"),
+        outdir=lambda wildcards, output: os.path.dirname(output.metrics),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "avg evaluate --params-json {params.cfg:q} --features {input.features} --out {params.outdir} "
+        "--method {wildcards.method}-rr --rerank {input.source} 2>&1 | tee {log}"
