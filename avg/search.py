@@ -1,8 +1,9 @@
 """``avg search "a yellow lemon" --k 5``: text-to-image search with a trained token-to-voken checkpoint.
 
 Decodes the query with beam search constrained to the identifiers of the searched images and prints
-the top-k images (path, identifier, score = beam log-probability). ``--json`` prints one JSON object
-for scripts. Bad queries (empty, over-long, not text) and missing files exit with code 2 and a message.
+the top-k images (path, identifier, score = beam log-probability). ``--rerank N`` reorders the top N
+by the feature store's caption–image inner product (the evaluate step's ``-rr`` methods; the query is
+embedded as the features step embedded captions). ``--json`` prints one JSON object for scripts. Bad queries (empty, over-long, not text) and missing files exit with code 2 and a message.
 Paths default from ``--dataset``: ``data/<ds>/checkpoints/avg``, ``data/<ds>/identifiers/avg.tsv``,
 ``data/<ds>/raw`` (image paths in the identifier table are relative to it).
 """
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="how many images to return (default 5)")
     p.add_argument("--dataset", default="tuxpaint", help="dataset whose default paths to use (default tuxpaint)")
     p.add_argument("--data-root", type=Path, default=Path("data"), help="root of the data folders (default data)")
-    p.add_argument("--scheme", default="avg", help="identifier scheme / checkpoint name for the default paths (default avg)")
+    p.add_argument("--scheme", default="avg", help="checkpoint name for the default paths, e.g. avg, avg-gen, avg-pq "
+                   "(its scheme's identifier table is used; default avg)")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default <data-root>/<dataset>/checkpoints/<scheme>)")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table (default <data-root>/<dataset>/identifiers/<scheme>.tsv)")
     p.add_argument("--images-root", type=Path, default=None, help="folder the table's image paths are relative to (default <data-root>/<dataset>/raw)")
@@ -37,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams", type=int, default=10, help="beam size (raised to k when smaller; default 10)")
     p.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default cpu)")
     p.add_argument("--max-chars", type=int, default=MAX_CHARS, help=f"longest accepted query (default {MAX_CHARS})")
+    p.add_argument("--rerank", type=int, default=0,
+                   help="rerank the top N candidates by the features' inner product (0 = off; the -rr methods use 10)")
+    p.add_argument("--features", type=Path, default=None,
+                   help="feature store for --rerank (default <data-root>/<dataset>/features)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -59,15 +65,25 @@ def check_query(query, max_chars: int = MAX_CHARS) -> str:
 
 
 def _paths(args) -> tuple[Path, Path, Path]:
+    from avg.methods import parse
+
     base = Path(args.data_root) / args.dataset
+    try:                      # a checkpoint name such as avg-pq or kmeans-gen searches its scheme's identifiers
+        scheme = parse(args.scheme)[0]
+    except ValueError:
+        scheme = args.scheme
     return (args.checkpoint or base / "checkpoints" / args.scheme,
-            args.identifiers or base / "identifiers" / f"{args.scheme}.tsv",
+            args.identifiers or base / "identifiers" / f"{scheme}.tsv",
             args.images_root or base / "raw")
 
 
 def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k: int = 5, beams: int = 10,
-           split: str = "all", device: str = "cpu") -> list[dict]:
-    """Top-``k`` images for ``query``: dicts with rank, image, path, identifier, score (best first)."""
+           split: str = "all", device: str = "cpu", rerank: int = 0, features: Path | None = None) -> list[dict]:
+    """Top-``k`` images for ``query``: dicts with rank, image, path, identifier, score (best first).
+
+    ``rerank > 0``: the top ``rerank`` candidates are reordered by the inner product of the query and image
+    embeddings of the feature store ``features`` (each result then also has ``rerank_score``).
+    """
     from avg.decode import retrieve, token_trie
     from avg.device import resolve_device
     from avg.model import VokenModel
@@ -84,16 +100,49 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
         raise QueryError(f"{checkpoint} generates identifiers of length {vm.spec.length}, but {identifiers} holds "
                          f"length {codes.shape[1]}: pass the identifier table of the checkpoint's scheme")
     trie = token_trie(vm, codes)
-    res = retrieve(vm, [query], trie, num_beams=max(beams, k), batch_size=1, k=k)
+    depth = max(k, rerank)
+    res = retrieve(vm, [query], trie, num_beams=max(beams, depth), batch_size=1, k=depth)
+    rows, scores = res.values[0], res.scores[0]
+    extra = None
+    if rerank > 0:
+        rows, scores, extra = _rerank(query, rows, scores, table, features, rerank, device)
     out = []
-    for rank, (row, score) in enumerate(zip(res.values[0], res.scores[0]), start=1):
+    for rank, (row, score) in enumerate(zip(rows[:k], scores[:k]), start=1):
         if row < 0:
             break
         image = str(table["image"].iloc[row])
-        out.append({"rank": rank, "image": image, "path": str(Path(images_root) / image),
-                    "identifier": [int(c) for c in codes[row]], "score": float(score),
-                    "split": str(table["split"].iloc[row])})
+        item = {"rank": rank, "image": image, "path": str(Path(images_root) / image),
+                "identifier": [int(c) for c in codes[row]], "score": float(score), "split": str(table["split"].iloc[row])}
+        if extra is not None:
+            item["rerank_score"] = float(extra[rank - 1]) if rank - 1 < len(extra) else None
+        out.append(item)
     return out
+
+
+def _rerank(query: str, rows, scores, table, features: Path | None, depth: int, device: str):
+    """Candidates (and beam scores) reordered by the feature inner product; also those products."""
+    import numpy as np
+
+    from avg import featurestore
+    from avg.query_features import embed_queries
+    from avg.rerank import rerank
+
+    if features is None or not (Path(features) / "meta.json").exists():
+        raise UserError(f"--rerank needs the feature store the checkpoint's images were embedded in; none at {features} "
+                        "(run `avg features`, or pass --features DIR)")
+    feats = featurestore.load(features)
+    row_of = {name: i for i, name in enumerate(feats.images["image"])}
+    names = table["image"].astype(str).tolist()
+    lacking = [n for n in names if n not in row_of]
+    if lacking:
+        raise UserError(f"{len(lacking)} image(s) of the identifier table are not in {features} (e.g. {lacking[0]}): "
+                        "pass the feature store of the same run with --features")
+    corpus = feats.image[[row_of[n] for n in names]]
+    q = embed_queries(feats.meta, [query], device=str(device))
+    order, products = rerank(np.asarray(rows)[None], q, corpus, depth)
+    by_row = {int(r): float(s) for r, s in zip(rows, scores)}
+    new_rows = order[0]
+    return new_rows, np.array([by_row.get(int(r), float("-inf")) for r in new_rows]), products[0]
 
 
 def _quiet_transformers() -> None:
@@ -126,7 +175,11 @@ def main(args) -> int:
         return fail(f"--split must be all, train, val or test (got {args.split!r})")
     _quiet_transformers()
     try:
-        results = search(query, checkpoint, identifiers, images_root, args.k, args.beams, args.split, args.device)
+        if args.rerank < 0:
+            return fail(f"--rerank must be 0 (off) or a number of candidates (got {args.rerank})")
+        features = getattr(args, "features", None) or Path(args.data_root) / args.dataset / "features"
+        results = search(query, checkpoint, identifiers, images_root, args.k, args.beams, args.split, args.device,
+                         rerank=args.rerank, features=features)
     except (QueryError, ValueError, UserError) as exc:
         return fail(str(exc))
     if args.json:
@@ -140,5 +193,6 @@ def main(args) -> int:
     print(f"top {len(results)} for {query!r}:")
     for r in results:
         ident = " ".join(map(str, r["identifier"]))
-        print(f"{r['rank']:>3}  {r['score']:9.3f}  {ident:<{width}}  {r['path']}")
+        rr = f"  {r['rerank_score']:6.3f}" if r.get("rerank_score") is not None else ""
+        print(f"{r['rank']:>3}  {r['score']:9.3f}{rr}  {ident:<{width}}  {r['path']}")
     return 0

@@ -56,3 +56,35 @@ def test_features_refuse_incomplete_download(tmp_path, raw):
         from avg.steps.features import corpus_tables
 
         corpus_tables(raw)
+
+
+def _query_rows_match_the_store(store_dir, n=4):
+    from avg.query_features import embed_queries
+
+    f = featurestore.load(store_dir)
+    q = embed_queries(f.meta, f.captions["caption"].tolist()[:n])
+    assert q.shape == (n, f.text.shape[1])
+    assert np.allclose(q, f.text[:n], atol=1e-4)        # a new query lands where the step put that caption
+
+
+def test_search_queries_are_embedded_like_the_store_captions_clip(tmp_path, raw):
+    model = make_tiny_clip(tmp_path / "clip", seed=0)
+    assert main(["features", "--params-json", json.dumps(_cfg(f"clip:{model}")), "--raw", str(raw),
+                 "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")]) == 0
+    _query_rows_match_the_store(tmp_path / "f")
+
+
+def test_search_queries_are_embedded_like_the_store_captions_offline(tmp_path, raw):
+    cfg = _cfg("offline")
+    cfg["offline"].update(epochs=2, patience=1)
+    assert main(["features", "--params-json", json.dumps(cfg), "--raw", str(raw),
+                 "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")]) == 0
+    _query_rows_match_the_store(tmp_path / "f")
+
+
+def test_unknown_store_encoder_is_a_clear_error():
+    from avg.errors import UserError
+    from avg.query_features import embed_queries
+
+    with pytest.raises(UserError, match="encoder 'sift'.*avg features"):
+        embed_queries({"encoder": "sift"}, ["a cat"])

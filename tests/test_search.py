@@ -115,3 +115,44 @@ def test_identifier_table_of_another_scheme_is_refused(dataset, tmp_path, capsys
     io.write_csv(other, table.assign(identifier=["1 2"] * len(table)), sep="\t")
     rc = search.main(parse(["a red apple", "--data-root", str(root), "--dataset", "toy", "--identifiers", str(other)]))
     assert rc == 2 and "length" in capsys.readouterr().err
+
+
+def test_rerank_orders_candidates_by_the_feature_store(dataset, tmp_path, capsys):
+    """--rerank N: the top N beams reordered by query · image in the store; the query embedded like its captions."""
+    from avg import featurestore
+    from avg.encoders.offline import OfflineEncoder
+
+    root, table = dataset
+    rng = np.random.default_rng(1)
+    img = rng.standard_normal((12, 384)).astype(np.float32)
+    img[7] = OfflineEncoder(progress=False).encode_texts(["a yellow lemon"])[0] * 3    # the one that matches
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    caps = pd.DataFrame({"caption_id": range(12), "image": table["image"], "caption": "x", "split": table["split"],
+                         "image_index": range(12)})
+    order = rng.permutation(12)              # the store's row order need not be the identifier table's
+    store = featurestore.Features(img[order], table[["image", "split"]].iloc[order].reset_index(drop=True),
+                                  img[order], caps.iloc[order].reset_index(drop=True).assign(image_index=range(12)),
+                                  {"encoder": "offline", "alignment": {"chosen": "bridge"}})
+    featurestore.save(tmp_path / "features", store)
+    argv = ["a yellow lemon", "--k", "3", "--dataset", "toy", "--data-root", str(root), "--json", "--rerank", "12",
+            "--features", str(tmp_path / "features")]
+    assert search.main(parse(argv)) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert [r["rank"] for r in res] == [1, 2, 3] and res[0]["image"] == table["image"][7]
+    assert res[0]["rerank_score"] > 0.99
+    assert [r["rerank_score"] for r in res] == sorted((r["rerank_score"] for r in res), reverse=True)
+    assert search.main(parse(argv[:-1] + [str(tmp_path / "nowhere")])) == 2
+    assert "--rerank needs the feature store" in capsys.readouterr().err
+
+
+def test_checkpoint_names_search_their_schemes_identifiers(dataset, capsys):
+    root, table = dataset
+    ds = root / "toy" / "checkpoints"
+    import shutil
+
+    if not (ds / "avg-pq-gen").exists():
+        shutil.copytree(ds / "avg", ds / "avg-pq-gen")
+    assert search.main(parse(["a red boat", "--scheme", "avg-pq-gen", "--dataset", "toy", "--data-root", str(root),
+                              "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["identifiers"].endswith("identifiers/avg.tsv") and out["checkpoint"].endswith("checkpoints/avg-pq-gen")
