@@ -107,6 +107,27 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     report_md = (work / "reports" / "shapes" / "comparison.md").read_text()
     assert "| avg-pq |" in report_md.replace("**", "") and "pseudo-queries (knn, 5 per image" in report_md
 
+    # keys read by the -pq / -rr methods only rerun those (both front doors), then are put back
+    def planned_outputs(cwd) -> set[str]:
+        out = sh(["snakemake", "-n", "--cores", "1"], cwd)
+        return {o.strip() for l in out.splitlines() if l.strip().startswith("output:")
+                for o in l.split(":", 1)[1].split(",")}
+
+    def dvc_changed(cwd) -> set[str]:
+        status = sh(["dvc", "status"], cwd)
+        return {l.strip().rstrip(":") for l in status.splitlines() if l and not l.startswith((" ", "\t"))}
+
+    set_param(p / "train.yaml", "train.pseudo_queries.per_image", 3)
+    touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
+    assert touched == {"avg-pq-gen", "avg-pq"}, touched
+    assert dvc_changed(work) == {"train_generative_avg-pq", "train_discriminative_avg-pq"}
+    set_param(p / "train.yaml", "train.pseudo_queries.per_image", 5)
+    set_param(p / "evaluate.yaml", "evaluate.rerank.depth", 5)
+    assert planned_jobs(work) == {"evaluate_rerank", "report"}
+    assert dvc_changed(work) == {"evaluate_avg-rr", "evaluate_avg-pq-rr"}
+    set_param(p / "evaluate.yaml", "evaluate.rerank.depth", 10)
+    assert planned_jobs(work) == set()
+
     set_param(p / "evaluate.yaml", "evaluate.depth", 50)
     assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "evaluate_rerank", "report"}
     status = sh(["dvc", "status"], work)

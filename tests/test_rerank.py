@@ -98,3 +98,15 @@ def test_rerank_methods_must_be_evaluated_generative_methods():
     config["evaluate"]["rerank"]["methods"] = ["kmeans"]
     with pytest.raises(ParamsError, match="evaluate.rerank.methods.*kmeans"):
         all_methods(config)
+
+
+def test_rerank_without_its_params_slice_is_a_clear_error(tmp_path):
+    from avg.steps import evaluate as step
+
+    features, names = synthetic(tmp_path)
+    src = write_source(tmp_path, names, [[i] for i in range(6)])
+    c = cfg()
+    del c["rerank"]              # what the generative/dense rules pass: they do not read it
+    with pytest.raises(UserError, match="evaluate.rerank slice"):
+        step.run(Namespace(features=features, out=tmp_path / "o", method="gen-rr", checkpoint=None, identifiers=None,
+                           rerank=src), c, lambda *a: None, "r")

@@ -13,6 +13,7 @@ tests/test_dag_consistency.py checks that these stages and the Snakemake rules a
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -28,8 +29,13 @@ def _params(step: str, key: str | None = None) -> list:
     return [{f"params/{step}.yaml": [key or step]}]
 
 
+def _params_except(step: str, keys, drop: str) -> list:
+    """Every key of the step's slice but ``drop`` (read only by other stages: changing it must not rerun this one)."""
+    return [{f"params/{step}.yaml": [f"{step}.{k}" for k in keys if k != drop]}]
+
+
 def stage(cmd: str, deps: list[str], params: list, outs: list, metrics: list | None = None) -> dict:
-    out = {"cmd": cmd, "deps": deps, "params": params, "outs": outs}
+    out = {"cmd": cmd, "deps": deps, "params": copy.deepcopy(params), "outs": outs}   # no shared lists: no yaml aliases
     if metrics:
         out["metrics"] = metrics
     return out
@@ -42,6 +48,9 @@ def render(params_dir: Path) -> dict:
     train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
     evaluate = yaml.safe_load((params_dir / "evaluate.yaml").read_text())["evaluate"]
     config = {"identifiers": ident, "train": train, "evaluate": evaluate}
+    global EVAL_PARAMS, TRAIN_KEYS
+    EVAL_PARAMS = _params_except("evaluate", evaluate, "rerank")
+    TRAIN_KEYS = list(train)
     pq_schemes = pseudo_query_schemes(config)
     methods = all_methods(config)
     stages: dict[str, dict] = {
@@ -52,7 +61,7 @@ def render(params_dir: Path) -> dict:
                           _params("features"), [f"{D}/features"]),
         "evaluate_dense": stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",
-            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py"], _params("evaluate"),
+            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py"], EVAL_PARAMS,
             [f"{D}/eval/dense.rankings.tsv"], [f"{D}/eval/dense.json"]),
     }
     for scheme in ident["schemes"]:
@@ -91,7 +100,7 @@ def render(params_dir: Path) -> dict:
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
             f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
             [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
-            _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
+            EVAL_PARAMS, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
     stages["report"] = report_stage(methods, ident["schemes"])
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
 
@@ -122,6 +131,9 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
             "metrics": [{f"{R}/metrics.json": {"cache": False}}]}
 
 
+# set by render() from the params files (the keys a stage tracks depend on them)
+EVAL_PARAMS: list = []
+TRAIN_KEYS: list = []
 TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/trie.py"]
 EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/trie.py", "avg/metrics.py"]
 
@@ -135,11 +147,11 @@ def training_stages(scheme: str, pseudo_queries: bool = False) -> dict[str, dict
     flag = " --pseudo-queries" if pseudo_queries else ""
     code = TRAIN_CODE + (["avg/pseudo_queries.py"] if pseudo_queries else [])
     gen, disc = f"{D}/checkpoints/{name}-gen", f"{D}/checkpoints/{name}"
+    params = _params("train") if pseudo_queries else _params_except("train", TRAIN_KEYS, "pseudo_queries")
     return {
-        f"train_generative_{name}": stage(f"{base} --stage generative{flag} --out {gen}", inputs + code,
-                                          _params("train"), [gen]),
+        f"train_generative_{name}": stage(f"{base} --stage generative{flag} --out {gen}", inputs + code, params, [gen]),
         f"train_discriminative_{name}": stage(f"{base} --stage discriminative{flag} --init-from {gen} --out {disc}",
-                                              inputs + [gen] + code, _params("train"), [disc]),
+                                              inputs + [gen] + code, params, [disc]),
     }
 
 

@@ -79,6 +79,9 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
     """Metrics of ``source_json``'s rankings reranked by the feature inner product (:func:`avg.rerank.rerank`)."""
     from avg.rerank import rerank
 
+    if "rerank" not in cfg:
+        raise UserError("--rerank needs the evaluate.rerank slice of params/evaluate.yaml (methods, depth); it is missing "
+                        "from the params given")
     source_json = Path(source_json)
     tsv = source_json.with_name(source_json.name.removesuffix(".json") + ".rankings.tsv")
     if not source_json.is_file() or not tsv.is_file():

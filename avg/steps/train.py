@@ -172,6 +172,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     if getattr(args, "pseudo_queries", False):
         from avg import pseudo_queries as PQ
 
+        if "pseudo_queries" not in cfg:
+            raise UserError("--pseudo-queries needs the train.pseudo_queries slice of params/train.yaml (source, per_image, "
+                            "file, splits); it is missing from the params given")
         pq_table = PQ.build(feats, cfg["pseudo_queries"])
         pq_info = PQ.describe(cfg["pseudo_queries"], pq_table, feats)
         logger.info("pseudo-queries (%s): %d for %d images %s", pq_info["source"], pq_info["n_queries"],
@@ -194,7 +197,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     cb_file = args.codebook or Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
     fp = fingerprint(cfg, args, [args.identifiers, cb_file, Path(args.features) / "captions.csv",
                                  Path(args.init_from) / "train.json" if args.init_from else None,
-                                 Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"]["file"] else None])
+                                 Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"].get("file") else None])
     ckpt = T.Checkpointer(state_dir, fp)
     val_cfg = T.ValConfig.from_dict(cfg["validation"])
     d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}

@@ -2,9 +2,11 @@ import json
 import os
 
 
-def cfg_json(step):
-    """The step's params slice as JSON: each rule gets only its own slice, so a change reruns only what uses it."""
-    return json.dumps(config[step], sort_keys=True)
+def cfg_json(step, drop=()):
+    """The step's params slice as JSON: each rule gets only its own slice, so a change reruns only what uses it.
+    ``drop``: keys of the slice this rule does not read (train.pseudo_queries outside the -pq rules,
+    evaluate.rerank outside the -rr rule), so changing them does not rerun it."""
+    return json.dumps({k: v for k, v in config[step].items() if k not in drop}, sort_keys=True)
 
 
 def GPU(step):

@@ -8,7 +8,7 @@ rule evaluate_dense:
     log:
         f"logs/{DATASET}/evaluate_dense.log",
     params:
-        cfg=cfg_json("evaluate"),
+        cfg=cfg_json("evaluate", drop=("rerank",)),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 1
     resources:
@@ -37,7 +37,7 @@ rule evaluate_generative:
     log:
         f"logs/{DATASET}/evaluate_{{method}}.log",
     params:
-        cfg=cfg_json("evaluate"),
+        cfg=cfg_json("evaluate", drop=("rerank",)),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 1
     resources:

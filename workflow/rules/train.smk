@@ -11,6 +11,11 @@ def pq_flag(name):
     return "--pseudo-queries" if name.endswith("-pq") else ""
 
 
+def train_cfg(wildcards):
+    """Only the -pq checkpoints read train.pseudo_queries: the others must not rerun when it changes."""
+    return cfg_json("train", drop=() if wildcards.name.endswith("-pq") else ("pseudo_queries",))
+
+
 rule train_generative:
     """Generative stage: cross-entropy from each train caption to its image's identifier; best epoch on val."""
     input:
@@ -23,7 +28,7 @@ rule train_generative:
     log:
         f"logs/{DATASET}/train_generative_{{name}}.log",
     params:
-        cfg=cfg_json("train"),
+        cfg=train_cfg,
         pq=lambda wildcards: pq_flag(wildcards.name),
     threads: workflow.cores
     resources:
@@ -48,7 +53,7 @@ rule train_discriminative:
     log:
         f"logs/{DATASET}/train_discriminative_{{name}}.log",
     params:
-        cfg=cfg_json("train"),
+        cfg=train_cfg,
         pq=lambda wildcards: pq_flag(wildcards.name),
     threads: workflow.cores
     resources:
