@@ -44,9 +44,8 @@ def method_names(schemes: list[str], pq_schemes: list[str], reranked: list[str] 
 
 def all_methods(config: dict) -> list[str]:
     """Every method the DAG evaluates under ``config`` (validated, as both front doors use it)."""
-    schemes = list(config["identifiers"]["schemes"])
-    generative = method_names(schemes, pseudo_query_schemes(config))
-    return generative + [f"{m}-rr" for m in rerank_methods(config, generative[1:])]
+    schemes, pq = list(config["identifiers"]["schemes"]), pseudo_query_schemes(config)
+    return method_names(schemes, pq, rerank_methods(config, method_names(schemes, pq)[1:]))
 
 
 def parse(method: str) -> tuple[str, bool, bool]:

@@ -26,9 +26,6 @@ import pandas as pd
 from avg.errors import UserError
 from avg.params import ParamsError
 
-SOURCES = ("knn", "file")
-
-
 def check_params(cfg: dict) -> None:
     """Loud errors for combinations the schema cannot express (file source without a file)."""
     if cfg["source"] == "file" and not cfg.get("file"):

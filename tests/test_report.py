@@ -521,3 +521,16 @@ def test_bench_records_read_the_decoding_benchmark_layout():
     got = {(r["method"], r["n_corpus"]): (r["latency_ms"], r["qps"]) for r in recs}
     assert got == {("constrained", 1000): (33.0, 115.0), ("dense", 1000): (0.05, 41000.0),
                    ("constrained", 1000000): (34.0, 110.0), ("dense", 1000000): (115.0, 9.0)}
+
+
+def test_reranked_rows_say_what_was_reranked(tmp_path, fast_figures):
+    """A -rr eval json (avg.steps.evaluate --rerank) gets a note naming its source, depth and rerank cost."""
+    fx = build_fixture(tmp_path)
+    path = next(p for p in fx["evals"] if Path(p).name == "avg-gen.json")
+    doc = json.loads(Path(path).read_text())
+    doc["rerank"] = {"from": "avg-gen", "depth": 10, "score": "inner product of the features",
+                     "rerank_latency_ms": 0.031}
+    Path(path).write_text(json.dumps(doc))
+    md = (run_report(fx) / "comparison.md").read_text()
+    assert ("`avg-gen`: retrieve, then rerank: the top 10 images of avg-gen reordered by the inner product of the "
+            "features; latency = avg-gen's + the rerank's (0.0310 ms)") in md

@@ -48,9 +48,7 @@ def render(params_dir: Path) -> dict:
     train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
     evaluate = yaml.safe_load((params_dir / "evaluate.yaml").read_text())["evaluate"]
     config = {"identifiers": ident, "train": train, "evaluate": evaluate}
-    global EVAL_PARAMS, TRAIN_KEYS
-    EVAL_PARAMS = _params_except("evaluate", evaluate, "rerank")
-    TRAIN_KEYS = list(train)
+    eval_params = _params_except("evaluate", evaluate, "rerank")   # only the -rr stages read evaluate.rerank
     pq_schemes = pseudo_query_schemes(config)
     methods = all_methods(config)
     stages: dict[str, dict] = {
@@ -61,7 +59,7 @@ def render(params_dir: Path) -> dict:
                           _params("features"), [f"{D}/features"]),
         "evaluate_dense": stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",
-            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py"], EVAL_PARAMS,
+            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py"], eval_params,
             [f"{D}/eval/dense.rankings.tsv"], [f"{D}/eval/dense.json"]),
     }
     for scheme in ident["schemes"]:
@@ -82,9 +80,9 @@ def render(params_dir: Path) -> dict:
             f"avg identifiers --params params/identifiers.yaml --features {D}/features --scheme {scheme}{tok_arg} "
             f"--out {D}/identifiers", deps, _params("identifiers"), outs, [f"{ids}.json"])
     for scheme in ident["schemes"]:
-        stages.update(training_stages(scheme))
+        stages.update(training_stages(scheme, list(train)))
     for scheme in pq_schemes:
-        stages.update(training_stages(scheme, pseudo_queries=True))
+        stages.update(training_stages(scheme, list(train), pseudo_queries=True))
     for method in methods[1:]:
         scheme = parse(method)[0]
         if is_reranked(method):
@@ -100,7 +98,7 @@ def render(params_dir: Path) -> dict:
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
             f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
             [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
-            EVAL_PARAMS, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
+            eval_params, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
     stages["report"] = report_stage(methods, ident["schemes"])
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
 
@@ -131,15 +129,14 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
             "metrics": [{f"{R}/metrics.json": {"cache": False}}]}
 
 
-# set by render() from the params files (the keys a stage tracks depend on them)
-EVAL_PARAMS: list = []
-TRAIN_KEYS: list = []
 TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/trie.py"]
 EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/trie.py", "avg/metrics.py"]
 
 
-def training_stages(scheme: str, pseudo_queries: bool = False) -> dict[str, dict]:
-    """Generative stage to <name>-gen, then the discriminative stage from it to <name> (name = scheme[-pq])."""
+def training_stages(scheme: str, train_keys: list[str], pseudo_queries: bool = False) -> dict[str, dict]:
+    """Generative stage to <name>-gen, then the discriminative stage from it to <name> (name = scheme[-pq]).
+
+    ``train_keys``: the keys of params/train.yaml's slice; only the -pq stages track train.pseudo_queries."""
     ids = f"{D}/identifiers/{scheme}"
     inputs = [f"{D}/features", f"{ids}.tsv", f"{ids}.json"] + ([] if scheme == "atomic" else [f"{ids}.codebook.npy"])
     base = f"avg train --params params/train.yaml --features {D}/features --identifiers {ids}.tsv"
@@ -147,7 +144,7 @@ def training_stages(scheme: str, pseudo_queries: bool = False) -> dict[str, dict
     flag = " --pseudo-queries" if pseudo_queries else ""
     code = TRAIN_CODE + (["avg/pseudo_queries.py"] if pseudo_queries else [])
     gen, disc = f"{D}/checkpoints/{name}-gen", f"{D}/checkpoints/{name}"
-    params = _params("train") if pseudo_queries else _params_except("train", TRAIN_KEYS, "pseudo_queries")
+    params = _params("train") if pseudo_queries else _params_except("train", train_keys, "pseudo_queries")
     return {
         f"train_generative_{name}": stage(f"{base} --stage generative{flag} --out {gen}", inputs + code, params, [gen]),
         f"train_discriminative_{name}": stage(f"{base} --stage discriminative{flag} --init-from {gen} --out {disc}",

@@ -51,6 +51,12 @@ def time_queries(search, queries: np.ndarray, n_latency: int, batch_size: int) -
             "qps": len(queries) / total if total > 0 else float("inf"), "timing_batch_size": batch_size}
 
 
+def rankings_path(eval_json: Path) -> Path:
+    """``<method>.rankings.tsv`` beside ``<method>.json``: where :func:`write_rankings` puts a method's rankings."""
+    eval_json = Path(eval_json)
+    return eval_json.with_name(eval_json.name.removesuffix(".json") + ".rankings.tsv")
+
+
 def write_rankings(path: Path, captions: pd.DataFrame, corpus_images: pd.Series, rankings: np.ndarray,
                    scores: np.ndarray | None = None) -> None:
     """One row per query: caption id, gold image, the ranked images (``|``-joined), their scores."""
@@ -83,7 +89,7 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
         raise UserError("--rerank needs the evaluate.rerank slice of params/evaluate.yaml (methods, depth); it is missing "
                         "from the params given")
     source_json = Path(source_json)
-    tsv = source_json.with_name(source_json.name.removesuffix(".json") + ".rankings.tsv")
+    tsv = rankings_path(source_json)
     if not source_json.is_file() or not tsv.is_file():
         raise UserError(f"--rerank {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
     source = io.read_json(source_json)
@@ -92,16 +98,16 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
                         f"{cfg['split']!r} (params/evaluate.yaml): evaluate it again on {cfg['split']!r} first")
     table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype={"caption_id": str})
     row_of = {name: i for i, name in enumerate(feats.images["image"])}
-    by_id = dict(zip(table["caption_id"], table["ranked"]))
+    by_id = {c: [x for x in ranked.split("|") if x] for c, ranked in zip(table["caption_id"], table["ranked"])}
     ids = feats.captions["caption_id"].astype(str)
     missing = [c for c in ids if c not in by_id]
     if missing:
         raise UserError(f"{tsv} has no ranking for {len(missing)} caption(s) of split {cfg['split']!r} (e.g. {missing[0]}): "
                         "it comes from another feature store or a max_queries run; evaluate that method again")
-    width = max(1, max(len([x for x in by_id[c].split("|") if x]) for c in ids))
+    width = max(1, max(len(by_id[c]) for c in ids))
     candidates = np.full((len(ids), width), -1, np.int64)
     for i, c in enumerate(ids):
-        for j, name in enumerate(x for x in by_id[c].split("|") if x):
+        for j, name in enumerate(by_id[c]):
             if name not in row_of:
                 raise UserError(f"{tsv} ranks {name!r}, which is not an image of split {cfg['split']!r} in the features")
             candidates[i, j] = row_of[name]
@@ -147,7 +153,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                     "encoder": feats.meta.get("encoder"), "features_run_id": feats.meta.get("sacred_run_id"),
                     "sacred_run_id": run_id})
     out = Path(args.out)
-    write_rankings(out / f"{args.method}.rankings.tsv", feats.captions, feats.images["image"], rankings, scores)
+    write_rankings(rankings_path(out / f"{args.method}.json"), feats.captions, feats.images["image"], rankings, scores)
     io.write_json(out / f"{args.method}.json", metrics)
     logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", args.method, cfg["split"],
                 metrics.get("recall@1", 0), metrics.get("recall@5", 0), metrics.get("recall@10", 0),

@@ -30,6 +30,7 @@ import yaml
 from avg import io
 from avg import report as R
 from avg.errors import UserError
+from avg.steps.evaluate import rankings_path
 
 STEP = "report"
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def read_json_input(path: Path, what: str) -> dict:
 
 
 def read_rankings(eval_path: Path) -> pd.DataFrame | None:
-    path = eval_path.with_name(eval_path.name.removesuffix(".json") + ".rankings.tsv")
+    path = rankings_path(eval_path)
     if not path.exists():
         return None
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
@@ -235,10 +236,6 @@ def image_loader(raw_dir: Path):
 
 
 # ---------------------------------------------------------------------- tracing one method
-def fmt_ms(value) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
-
-
 def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     metrics = read_json_input(eval_path, "evaluation json")
     name = str(metrics.get("method") or eval_path.name.removesuffix(".json"))
@@ -249,7 +246,7 @@ def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     rr = metrics.get("rerank")
     if isinstance(rr, dict):
         r.notes.append(f"retrieve, then rerank: the top {rr.get('depth')} images of {rr.get('from')} reordered by the "
-                       f"{rr.get('score')}; latency = {rr.get('from')}'s + the rerank's ({fmt_ms(rr.get('rerank_latency_ms'))} ms)")
+                       f"{rr.get('score')}; latency = {rr.get('from')}'s + the rerank's ({R.fmt_number(rr.get('rerank_latency_ms'))} ms)")
     r.train_stages = train_chain(metrics.get("checkpoint"), r.notes) if metrics.get("checkpoint") else []
     last = r.train_stages[-1] if r.train_stages else {}
     ident_table = metrics.get("identifiers")
