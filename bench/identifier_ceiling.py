@@ -12,7 +12,10 @@ embedding's cosine with what the identifier *says* about the image, instead of w
 - ``<scheme> first-voken match``: share of captions whose own embedding, run through the tokenizer, lands on
   the image's first voken, and on its first two (what the caption "predicts" position by position);
 - ``residual k-means K×L``: plain residual k-means in feature space fitted on every image of the corpus
-  (indexing sees the corpus images, never their captions), a finer/looser code budget for comparison.
+  (indexing sees the corpus images, never their captions), a finer/looser code budget for comparison;
+- ``pseudo-queries (knn, m per image)``: the images ranked by the mean of the caption's cosines with each
+  image's ``m`` kNN pseudo-queries (train.pseudo_queries, source knn): what the ``-pq`` methods learn the
+  test images from, scored directly. A ceiling estimate for "caption transfer", not for the identifiers.
 
 Usage: python bench/identifier_ceiling.py [--data data/tuxpaint] [--split test] [--out reports/bench]
 Writes ``<out>/identifier_ceiling.{json,md}``. Needs the features, tokenizer and identifiers steps' outputs.
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from avg import featurestore, io
+from avg.pseudo_queries import knn_captions
 from avg.metrics import dense_rankings, l2_normalise, retrieval_metrics
 from avg.tokenizer import kmeans as fit_kmeans
 from avg.tokenizer import sq_distances
@@ -81,6 +85,16 @@ def kmeans_row(data: Path, feats, split_rows: np.ndarray, queries: np.ndarray, g
     return {"reconstruction": recalls(queries, centre, gold)}
 
 
+def pseudo_query_row(feats, split_rows: np.ndarray, queries: np.ndarray, gold: np.ndarray, per_image: int) -> dict:
+    """Rank images by the query's cosine with the mean of their kNN pseudo-queries (train captions only)."""
+    train = np.flatnonzero((feats.captions["split"] == "train").to_numpy())
+    rows, _ = knn_captions(feats.image[split_rows], feats.text[train], per_image)
+    # the mean vector left unnormalised: query · mean = the mean of the query's cosines with the m captions
+    m = retrieval_metrics(dense_rankings(l2_normalise(queries), l2_normalise(feats.text[train])[rows].mean(1),
+                                         len(split_rows)), gold, [1, 5, 10])
+    return {k: round(100 * m[k], 1) for k in ("recall@1", "recall@5", "recall@10")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("data/tuxpaint"))
@@ -106,6 +120,8 @@ def main() -> None:
     for k, levels in ((16, 3), (16, 6), (64, 3), (64, 4)):
         quant = residual_kmeans(x, k, levels)
         rows[f"residual k-means {k}x{levels} (all images)"] = recalls(queries, quant[split_rows], gold)
+    for m in (1, 5, 20):
+        rows[f"pseudo-queries (knn, {m} per image)"] = pseudo_query_row(feats, split_rows, queries, gold, m)
     doc = {"data": str(args.data), "split": args.split, "n_queries": int(len(queries)), "n_corpus": int(len(split_rows)),
            "rows": rows}
     io.write_json(args.out / "identifier_ceiling.json", doc)
