@@ -128,8 +128,9 @@ def main() -> None:
     lines = [f"# Identifier ceiling ({args.data.name}, {args.split}: {len(queries)} captions over {len(split_rows)} images)", "",
              "Captions ranked against what each image's identifier encodes instead of the image itself (see "
              "bench/identifier_ceiling.py): roughly the best a decoder can do for images it never saw in training, "
-             "if it knew every caption's embedding exactly and scored identifiers by it. Analysis only: "
-             "no model is selected with it.", "",
+             "if it knew every caption's embedding exactly and scored identifiers by it. The pseudo-query rows rank "
+             "each image by the mean cosine with its kNN pseudo-queries instead: what the -pq methods learn the "
+             "test images from. Analysis only: no model is selected with it.", "",
              "| ranked against | R@1 | R@5 | R@10 | caption lands on first voken (%) | on first two (%) |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
