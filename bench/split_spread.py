@@ -1,0 +1,140 @@
+"""How much the headline numbers move with the split: the same DAG on several seeded splits.
+
+With ~100 test images one query is one point of Recall@1, and which images land in test moves R@1 by
+several points (design.md §5). A ratio such as "AVG R@1 / dense R@1" is only worth quoting with its
+spread, so this runs the real pipeline (Snakemake, the same rules as ``snakemake --cores all``) once per
+``data.split.seed`` and puts every method's recalls, and their ratio to the dense baseline of the same
+split, side by side with mean and standard deviation over splits.
+
+Each seed other than the one in params/data.yaml gets its own dataset folder ``data/<name>-split<seed>/``
+(so nothing of the main run is overwritten) and only the schemes the asked methods need; the configured
+seed reuses ``data/<name>/`` as the main run left it (Snakemake reruns nothing that is up to date).
+
+Usage: python bench/split_spread.py [--seeds 0 1 2] [--methods dense avg ...] [--cores 2] [--out reports/bench]
+Writes ``<out>/split_spread.{json,md}``. Costs one pipeline run per new seed (~30 min on 2 CPU cores for
+the default methods on Tux Paint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from avg import io  # noqa: E402
+from avg.methods import is_reranked, parse  # noqa: E402
+
+DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-pq-gen", "avg-pq", "avg-rr", "avg-pq-rr"]
+KS = ("recall@1", "recall@5", "recall@10")
+
+
+def overrides(methods: list[str], name: str, seed: int) -> dict:
+    """Config for one extra split: its own dataset folder, and only the schemes / -pq / -rr the methods need."""
+    gen = [m for m in methods if m != "dense"]
+    schemes = sorted({parse(m)[0] for m in gen})
+    pq = sorted({parse(m)[0] for m in gen if parse(m)[1]})
+    return {"data": {"name": f"{name}-split{seed}", "split": {"seed": seed}},
+            "identifiers": {"schemes": schemes},
+            "train": {"pseudo_queries": {"schemes": pq}},
+            "evaluate": {"rerank": {"methods": [m[:-3] for m in gen if is_reranked(m)]}}}
+
+
+def snakemake_args(methods: list[str], data_dir: str, configfile: Path | None) -> list[str]:
+    """Snakemake arguments that build the methods' evaluation jsons (and what they need) under ``data_dir``."""
+    extra = ["--configfile", str(configfile)] if configfile is not None else []
+    return extra + ["--"] + [f"{data_dir}/eval/{m}.json" for m in methods]
+
+
+def run_split(methods: list[str], data_dir: str, configfile: Path | None, cores: int) -> float:
+    """Build the methods' evaluation jsons with Snakemake; returns the wall time in seconds."""
+    cmd = ["snakemake", "--cores", str(cores)] + snakemake_args(methods, data_dir, configfile)
+    t0 = time.perf_counter()
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def summarise(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict:
+    """Per method: recalls (points) per seed, R@1 ratio to that split's dense, mean and sd over seeds."""
+    out = {}
+    for m in methods:
+        rows = {s: per_seed[s][m] for s in per_seed}
+        entry = {k: {str(s): round(100 * r[k], 1) for s, r in rows.items()} for k in KS}
+        entry["ratio_r1_to_dense"] = {str(s): round(r["recall@1"] / per_seed[s]["dense"]["recall@1"], 3)
+                                      for s, r in rows.items() if per_seed[s]["dense"]["recall@1"] > 0}
+        for key in list(KS) + ["ratio_r1_to_dense"]:
+            vals = list(entry[key].values())
+            entry[f"{key}_mean"] = round(statistics.fmean(vals), 3) if vals else None
+            entry[f"{key}_sd"] = round(statistics.stdev(vals), 3) if len(vals) > 1 else None
+        out[m] = entry
+    return out
+
+
+def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[int, float]) -> str:
+    head = "| method | " + " | ".join(f"R@1 s{s}" for s in seeds) + " | R@1 mean ± sd | R@5 mean | R@10 mean | R@1 / dense mean ± sd |"
+    lines = ["# Split spread (Tux Paint test split, one pipeline run per data.split.seed)", "",
+             "Recall in points; the ratio is each split's method R@1 over the same split's dense R@1. "
+             f"Test queries per split: {', '.join(f's{s}: {n[s]}' for s in seeds)}. "
+             "Made by `python bench/split_spread.py`.", "", head,
+             "|" + "---|" * (len(seeds) + 5)]
+    for m, e in summary.items():
+        r1 = " | ".join(f"{e['recall@1'][str(s)]:.1f}" for s in seeds)
+        sd = f" ± {e['recall@1_sd']:.1f}" if e["recall@1_sd"] is not None else ""
+        rsd = f" ± {e['ratio_r1_to_dense_sd']:.2f}" if e["ratio_r1_to_dense_sd"] is not None else ""
+        ratio = f"{e['ratio_r1_to_dense_mean']:.2f}{rsd}" if e["ratio_r1_to_dense_mean"] is not None else "n/a"
+        lines.append(f"| {m} | {r1} | {e['recall@1_mean']:.1f}{sd} | {e['recall@5_mean']:.1f} | "
+                     f"{e['recall@10_mean']:.1f} | {ratio} |")
+    lines += ["", "Wall time per split (s; a split whose outputs were up to date takes seconds): "
+              + ", ".join(f"s{s}: {seconds[s]:.0f}" for s in seeds), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    args = ap.parse_args()
+    if "dense" not in args.methods:
+        args.methods = ["dense"] + args.methods  # the ratio needs the same split's dense baseline
+    for m in args.methods:
+        if m != "dense":
+            parse(m)  # a bad name fails here, before any pipeline runs
+
+    data_cfg = yaml.safe_load((ROOT / "params" / "data.yaml").read_text())["data"]
+    name, own_seed = data_cfg["name"], data_cfg["split"]["seed"]
+    per_seed, n, seconds = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            if seed == own_seed:
+                # the main run's configuration as it is (overriding anything would rerun its steps)
+                data_dir, cfg_file = f"data/{name}", None
+            else:
+                cfg = overrides(args.methods, name, seed)
+                data_dir, cfg_file = f"data/{cfg['data']['name']}", Path(tmp) / f"split{seed}.yaml"
+                cfg_file.write_text(yaml.safe_dump(cfg))
+            seconds[seed] = run_split(args.methods, data_dir, cfg_file, args.cores)
+            per_seed[seed] = {m: json.loads((ROOT / data_dir / "eval" / f"{m}.json").read_text()) for m in args.methods}
+            n[seed] = per_seed[seed]["dense"]["n_queries"]
+
+    summary = summarise(per_seed, args.methods)
+    args.out.mkdir(parents=True, exist_ok=True)
+    io.write_json(args.out / "split_spread.json",
+                         {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds,
+                          "summary": summary})
+    io.write_text(args.out / "split_spread.md", markdown(summary, args.seeds, n, seconds))
+    print(markdown(summary, args.seeds, n, seconds))
+
+
+if __name__ == "__main__":
+    main()
