@@ -59,7 +59,10 @@ def run_split(methods: list[str], data_dir: str, configfile: Path | None, cores:
     cmd = ["snakemake", "--cores", str(cores)] + snakemake_args(methods, data_dir, configfile)
     t0 = time.perf_counter()
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        # Snakemake keeps every finished job: rerunning this script resumes where it stopped
+        sys.exit(f"split_spread: the pipeline failed for {data_dir} (Snakemake's log above names the job); "
+                 "fix it and rerun: finished splits and jobs are not redone")
     return time.perf_counter() - t0
 
 
