@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from avg import io  # noqa: E402
+from avg import io, params  # noqa: E402
 from avg.methods import is_reranked, parse  # noqa: E402
 
 DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-pq-gen", "avg-pq", "avg-rr", "avg-pq-rr"]
@@ -114,7 +114,7 @@ def main() -> None:
         if m != "dense":
             parse(m)  # a bad name fails here, before any pipeline runs
 
-    data_cfg = yaml.safe_load((ROOT / "params" / "data.yaml").read_text())["data"]
+    data_cfg = params.load_file(ROOT / "params" / "data.yaml", "data")
     name, own_seed = data_cfg["name"], data_cfg["split"]["seed"]
     per_seed, n, seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,12 +131,11 @@ def main() -> None:
             n[seed] = per_seed[seed]["dense"]["n_queries"]
 
     summary = summarise(per_seed, args.methods)
-    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(summary, args.seeds, n, seconds)
     io.write_json(args.out / "split_spread.json",
-                         {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds,
-                          "summary": summary})
-    io.write_text(args.out / "split_spread.md", markdown(summary, args.seeds, n, seconds))
-    print(markdown(summary, args.seeds, n, seconds))
+                  {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds, "summary": summary})
+    io.write_text(args.out / "split_spread.md", table)
+    print(table)
 
 
 if __name__ == "__main__":
