@@ -22,6 +22,7 @@ import pandas as pd
 from avg import featurestore
 from avg import metrics as M
 from avg.errors import UserError
+from avg.timing import time_queries
 from avg.trie import read_identifiers
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ DEFAULTS = {
     "latency_queries": 100,  # captions decoded one at a time for the latency figure
     "max_queries": None,     # evaluate only the first N captions (null = all)
     "device": "cpu",         # cpu | auto | cuda | cuda:N
+    "decoder": "fast",       # fast (avg.decode.beam_search) | generate (transformers' reference path)
 }
 
 
@@ -103,21 +105,15 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     trie_s = time.perf_counter() - t0
 
     with torch.inference_mode():
-        retrieve(vm, captions[:2], trie, num_beams=g["num_beams"], batch_size=2)   # warm-up (lazy init, caches)
-        n_lat = min(g["latency_queries"], len(captions))
-        per_query = []
-        for c in captions[:n_lat]:
-            t = time.perf_counter()
-            retrieve(vm, [c], trie, num_beams=g["num_beams"], batch_size=1)
-            per_query.append(time.perf_counter() - t)
-        res = retrieve(vm, captions, trie, num_beams=g["num_beams"], batch_size=g["batch_size"])
+        res = retrieve(vm, captions, trie, num_beams=g["num_beams"], batch_size=g["batch_size"], decoder=g["decoder"])
+        timing = time_queries(lambda caps: retrieve(vm, list(caps), trie, num_beams=g["num_beams"], batch_size=len(caps),
+                                                    decoder=g["decoder"]),
+                              captions, g["latency_queries"], g["batch_size"])
 
     metrics = M.retrieval_metrics(res.values, gold, ks)
     found = (res.values >= 0).sum(axis=1)
     metrics.update({
-        "latency_ms": 1000 * float(np.mean(per_query)), "latency_ms_median": 1000 * float(np.median(per_query)),
-        "qps": len(captions) / res.seconds if res.seconds > 0 else float("inf"), "timing_batch_size": g["batch_size"],
-        "num_beams": g["num_beams"], "n_corpus": int(len(codes)), "identifier_length": int(codes.shape[1]),
+        **timing, "decoder": g["decoder"], "num_beams": g["num_beams"], "n_corpus": int(len(codes)), "identifier_length": int(codes.shape[1]),
         "trie_build_s": trie_s, "trie_bytes": trie.nbytes, "mean_results_per_query": float(found.mean()),
         "device": str(device), "checkpoint": str(checkpoint_dir), "decoding": "beam search constrained by a trie over "
         f"the {split} images' identifiers",

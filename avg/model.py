@@ -149,6 +149,10 @@ class VokenModel:
     def encode(self, enc: dict[str, torch.Tensor]) -> BaseModelOutput:
         return self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True)
 
+    def encode_states(self, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``[b, S, H]`` and attention mask ``[b, S]`` of tokenised captions (what the decoder reads)."""
+        return self.encode(enc).last_hidden_state, enc["attention_mask"]
+
     def token_logits(self, enc: dict[str, torch.Tensor], targets: torch.Tensor,
                      encoder_outputs: BaseModelOutput | None = None) -> torch.Tensor:
         """Teacher-forced logits ``[b, L, vocab]`` for target token rows ``[b, L]``.
@@ -162,13 +166,15 @@ class VokenModel:
                          decoder_input_ids=dec_in, use_cache=False, return_dict=True)
         return out.logits
 
-    def sequence_logprobs(self, enc: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+    def sequence_logprobs(self, enc: dict[str, torch.Tensor] | None, candidates: torch.Tensor,
+                          states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Sum of token log-probabilities (full-vocabulary softmax, as beam search scores them) of each
-        candidate identifier: ``candidates [b, c, L]`` → ``[b, c]``. One encoder pass per caption."""
+        candidate identifier: ``candidates [b, c, L]`` → ``[b, c]``. One encoder pass per caption, or
+        none when ``states`` (encoder states and mask, e.g. from an :class:`EncoderCache`) are given."""
         b, c, length = candidates.shape
-        enc_out = self.encode(enc)
-        hidden = enc_out.last_hidden_state.repeat_interleave(c, dim=0)
-        expanded = {"attention_mask": enc["attention_mask"].repeat_interleave(c, dim=0)}
+        hidden, mask = states if states is not None else self.encode_states(enc)
+        hidden = hidden.repeat_interleave(c, dim=0)
+        expanded = {"attention_mask": mask.repeat_interleave(c, dim=0)}
         logits = self.token_logits(expanded, candidates.reshape(b * c, length), BaseModelOutput(last_hidden_state=hidden))
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, candidates.reshape(b * c, length, 1)).squeeze(-1)
         return logp.sum(-1).view(b, c)
@@ -194,6 +200,50 @@ class VokenModel:
         vm = cls(model, tokenizer, VokenSpec(**meta["spec"]), ModelConfig.from_dict(meta["model"]))
         model.eval()
         return vm.to(device)
+
+
+class EncoderCache:
+    """Encoder states of a fixed set of captions, computed once and reused (valid while the encoder is frozen).
+
+    With ``train.model.freeze_encoder`` the caption encoder never changes, so encoding every caption again
+    in every epoch, in every validation and for every batch of discriminative negatives only repeats the
+    same arithmetic: with MiniLM it is most of a training step on a CPU. States are kept trimmed to each
+    caption's own length (``[len_i, H]``, on ``vm.device``, in the encoder's dtype) and padded per batch,
+    which gives the same decoder inputs as encoding the batch afresh (padding positions are masked).
+    The encoder runs in eval mode here: a frozen encoder applies no dropout (training does the same).
+    """
+
+    def __init__(self, vm: "VokenModel", captions: Sequence[str], batch_size: int = 256):
+        self.index: dict[str, int] = {}
+        unique = [c for c in dict.fromkeys(captions)]
+        self.index = {c: i for i, c in enumerate(unique)}
+        self._states: list[torch.Tensor] = []
+        encoder = vm.model.get_encoder()
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(unique), batch_size):
+                    enc = vm.tokenize(unique[start:start + batch_size])
+                    hidden, mask = vm.encode_states(enc)
+                    lengths = mask.sum(1).tolist()
+                    self._states.extend(h[:n].clone() for h, n in zip(hidden, lengths))
+        finally:
+            encoder.train(was_training)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.index
+
+    def states(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded states ``[b, S, H]`` and mask ``[b, S]`` of ``captions`` (each must be in the cache)."""
+        rows = [self._states[self.index[c]] for c in captions]
+        hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        lengths = torch.tensor([len(r) for r in rows], device=hidden.device)
+        mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).long()
+        return hidden, mask
 
 
 # ====================================================================== building

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
+from transformers.modeling_outputs import BaseModelOutput
 
 from avg import io
 from avg.device import autocast, autocast_dtype, precision_name
 from avg.decode import evaluate_retrieval, retrieve
-from avg.model import VokenModel
+from avg.model import EncoderCache, VokenModel
 from avg.trie import Trie
 
 logger = logging.getLogger(__name__)
@@ -95,9 +96,11 @@ class ValConfig:
     batch_size: int = 64
     select_metric: str = "recall_mean"
     max_queries: int | None = None   # subsample validation captions (seeded) to bound per-epoch cost
+    every: int = 1                   # validate after every N-th epoch (and the last); patience counts validations
 
     def __post_init__(self):
         assert self.select_metric in SELECT_METRICS, self.select_metric
+        assert self.every >= 1, self.every
 
     @classmethod
     def from_dict(cls, d: dict) -> "ValConfig":
@@ -197,19 +200,25 @@ class Checkpointer:
 # ====================================================================== loops
 def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, val_cfg: ValConfig,
                      log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0) -> dict:
-    """Cross-entropy on (train caption → its image's identifier); keeps the best epoch on validation."""
+    """Cross-entropy on (train caption → its image's identifier); keeps the best epoch on validation.
+
+    With a frozen encoder every train caption is encoded once (:class:`~avg.model.EncoderCache`) and
+    the epochs train the decoder on those states: the same loss as encoding each batch again.
+    """
     targets = torch.as_tensor(train.tokens, dtype=torch.long)
+    cache = _cache_if_frozen(vm, train.captions)
 
     def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        enc = vm.tokenize([train.captions[i] for i in idx])
+        caps = [train.captions[i] for i in idx]
         t = targets[idx].to(vm.device)
-        logits = vm.token_logits(enc, t)
+        logits = _teacher_forced(vm, caps, t, cache)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.reshape(-1),
                                label_smoothing=optim.label_smoothing)
         return {"loss": loss}
 
     return _fit(vm, "generative", len(train.captions), step, val, optim, val_cfg, log,
-                checkpointer or Checkpointer(None), seed, validate_initial=False)
+                checkpointer or Checkpointer(None), seed, validate_initial=False,
+                val_cache=_cache_if_frozen(vm, val.captions))
 
 
 def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, rank: RankConfig,
@@ -217,19 +226,22 @@ def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimC
     """Learning-to-rank over constrained beams (negatives from ``train.trie``) + weighted cross-entropy.
 
     The initial model (epoch 0) is validated too: if no discriminative epoch beats it, it is what is kept.
+    With a frozen encoder, the negatives' decoding and the candidates' scoring read cached encoder states.
     """
     targets = torch.as_tensor(train.tokens, dtype=torch.long)
+    cache = _cache_if_frozen(vm, train.captions)
 
     def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
         caps = [train.captions[i] for i in idx]
         gold = targets[idx]                                                        # [b, L]
-        beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps))
+        beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps), cache=cache)
         negs = torch.as_tensor(beams.tokens)                                       # [b, n, L], -1 pads
         is_neg = torch.as_tensor(beams.values >= 0) & ~(negs == gold[:, None, :]).all(-1)
         negs = torch.where(is_neg[..., None], negs, gold[:, None, :])             # pads: harmless filler
         cands = torch.cat([gold[:, None, :], negs], dim=1).to(vm.device)           # [b, 1 + n, L]
         valid = torch.cat([torch.ones(len(caps), 1, dtype=torch.bool), is_neg], dim=1).to(vm.device)
-        scores = vm.sequence_logprobs(vm.tokenize(caps), cands)                    # [b, 1 + n]
+        scores = vm.sequence_logprobs(None if cache else vm.tokenize(caps), cands,
+                                      states=cache.states(caps) if cache else None)   # [b, 1 + n]
         if rank.loss == "listwise":
             r = listwise_loss(scores, valid, rank.temperature)
         else:
@@ -240,16 +252,36 @@ def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimC
                 "gold_top1": gold_first.detach()}
 
     return _fit(vm, "discriminative", len(train.captions), step, val, optim, val_cfg, log,
-                checkpointer or Checkpointer(None), seed, validate_initial=True)
+                checkpointer or Checkpointer(None), seed, validate_initial=True,
+                val_cache=_cache_if_frozen(vm, val.captions))
 
 
-def validate(vm: VokenModel, val: Pairs, val_cfg: ValConfig, seed: int = 0) -> dict[str, float]:
+def _cache_if_frozen(vm: VokenModel, captions: list[str]) -> EncoderCache | None:
+    """Encoder states of ``captions`` computed once when the encoder is frozen (they cannot change), else None."""
+    if not vm.config.freeze_encoder:
+        return None
+    t = time.perf_counter()
+    cache = EncoderCache(vm, captions)
+    logger.info("frozen encoder: %d captions encoded once (%.1fs), reused every epoch", len(cache), time.perf_counter() - t)
+    return cache
+
+
+def _teacher_forced(vm: VokenModel, caps: list[str], targets: torch.Tensor, cache: EncoderCache | None) -> torch.Tensor:
+    """Teacher-forced logits of ``targets`` for ``caps``, from cached encoder states when there are some."""
+    if cache is None:
+        return vm.token_logits(vm.tokenize(caps), targets)
+    hidden, mask = cache.states(caps)
+    return vm.token_logits({"attention_mask": mask}, targets, BaseModelOutput(last_hidden_state=hidden))
+
+
+def validate(vm: VokenModel, val: Pairs, val_cfg: ValConfig, seed: int = 0,
+             cache: EncoderCache | None = None) -> dict[str, float]:
     """Constrained-decoding recall on the validation corpus (optionally a seeded subsample of its captions)."""
     idx = np.arange(len(val.captions))
     if val_cfg.max_queries is not None and len(idx) > val_cfg.max_queries:
         idx = np.sort(np.random.default_rng(seed).choice(idx, val_cfg.max_queries, replace=False))
     m, _ = evaluate_retrieval(vm, [val.captions[i] for i in idx], val.gold[idx], val.trie,
-                              num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size)
+                              num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size, cache=cache)
     rec = [m[k] for k in ("recall@1", "recall@5", "recall@10") if k in m]
     m["recall_mean"] = float(np.mean(rec))
     return m
@@ -275,7 +307,7 @@ def _make_optimizer(vm: VokenModel, optim: OptimConfig, total_steps: int):
 
 def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray], dict[str, torch.Tensor]],
          val: Pairs, optim: OptimConfig, val_cfg: ValConfig, log: LogFn, ckpt: Checkpointer, seed: int,
-         validate_initial: bool) -> dict:
+         validate_initial: bool, val_cache: EncoderCache | None = None) -> dict:
     rank, world = rank_and_world()
     if rank != 0:   # one voice: only rank 0 logs and writes state
         ckpt, log = ckpt.readonly(), _nolog
@@ -308,7 +340,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
 
     def validated() -> dict:
         # every rank decodes (no rank idles into a collective timeout); rank 0's figures decide for all
-        return _broadcast_object(validate(vm, val, val_cfg, seed))
+        return _broadcast_object(validate(vm, val, val_cfg, seed, val_cache))
 
     if start == 1 and validate_initial:
         vmetrics = validated()
@@ -325,6 +357,8 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
         vm.model.train()
+        if vm.config.freeze_encoder:   # a frozen encoder applies no dropout: the states stay what the cache holds
+            vm.model.get_encoder().eval()
         sums: dict[str, float] = {}
         n_batches = 0
         for b in range(0, n_train, optim.batch_size):
@@ -351,12 +385,15 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
             n_batches += 1
         sums = _all_reduce_sums(sums)
         train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
-        vmetrics = validated()
+        # validation every `every` epochs and after the last; patience counts validations
+        due = epoch % val_cfg.every == 0 or epoch == optim.epochs
+        vmetrics = validated() if due else {}
         row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in vmetrics.items()}}
         _log_all(log, stage, {k: v for k, v in row.items() if k != "epoch"}, epoch)
         if rank == 0:
             logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
-        consider(epoch, vmetrics)
+        if due:
+            consider(epoch, vmetrics)
         trainer["history"].append(row)
         trainer["epoch"] = epoch
         if optim.patience and trainer["stale"] >= optim.patience:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 from avg import featurestore, io
 from avg.errors import UserError
 from avg.metrics import dense_rankings, retrieval_metrics
+from avg.timing import time_queries
 
 STEP = "evaluate"
 logger = logging.getLogger(__name__)
@@ -33,22 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table of the checkpoint's scheme")
     p.add_argument("--rerank", type=Path, default=None,
                    help="eval json of a generative method (its .rankings.tsv beside it) whose candidates to rerank")
-
-
-def time_queries(search, queries: np.ndarray, n_latency: int, batch_size: int) -> dict:
-    """Latency of one query at a time (median and mean, ms) and batched throughput (QPS)."""
-    n_latency = min(n_latency, len(queries))
-    per_query = []
-    for q in queries[:n_latency]:
-        t0 = time.perf_counter()
-        search(q[None])
-        per_query.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for start in range(0, len(queries), batch_size):
-        search(queries[start:start + batch_size])
-    total = time.perf_counter() - t0
-    return {"latency_ms": 1000 * float(np.mean(per_query)), "latency_ms_median": 1000 * float(np.median(per_query)),
-            "qps": len(queries) / total if total > 0 else float("inf"), "timing_batch_size": batch_size}
 
 
 def rankings_path(eval_json: Path) -> Path:
