@@ -19,6 +19,7 @@ import logging
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 import torch
 from torch import nn
 
@@ -169,7 +170,8 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
     best = (-1.0, -1.0)
     best_state, best_epoch, stale, epoch = copy.deepcopy(model.state_dict()), 0, 0, 0
     model.train()
-    for epoch in range(1, cfg["epochs"] + 1):
+    bar = tqdm(range(1, cfg["epochs"] + 1), desc="alignment", unit="epoch", mininterval=1.0)
+    for epoch in bar:
         order = rng.permutation(train_images)
         caps = np.array([by_image[i][rng.integers(len(by_image[i]))] for i in order])
         losses = []
@@ -190,6 +192,7 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
         log("align/val_recall@1", m["recall@1"], epoch)
         # R@1 decides; the R@1/5/10 mean breaks its many ties on a small val set.
         score = (m["recall@1"], selection_score(m))
+        bar.set_postfix({"val R@1": f"{m['recall@1']:.3f}"}, refresh=False)
         if score > best:
             best, best_epoch, stale = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -197,6 +200,7 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
             stale += 1
             if stale >= cfg["patience"]:
                 break
+    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     logger.info("projection: best val R@1 %.3f at epoch %d of %d", best[0], best_epoch, epoch)

@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except params_mod.ParamsError as exc:
         print(f"avg {args.command}: {exc}", file=sys.stderr)
         return 2
-    from avg import tracking
+    from avg import threads, tracking
 
+    threads.pin(cfg.get("threads"))
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Under torchrun only rank 0 is a Sacred run (and writes outputs); the other ranks just compute.
@@ -99,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = mod.sacred_config(args) if hasattr(mod, "sacred_config") else {
         k: str(v) for k, v in vars(args).items() if isinstance(v, Path) and k != "runs_dir"}
     config = {mod.STEP: cfg, "paths": paths}
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        run_id, metrics = tracking.run_step(args.command, config, lambda lg, rid: mod.run(args, cfg, lg, rid),
-                                            runs_dir=args.runs_dir)
+        with logging_redirect_tqdm():   # log lines print above the progress bars instead of through them
+            run_id, metrics = tracking.run_step(args.command, config, lambda lg, rid: mod.run(args, cfg, lg, rid),
+                                                runs_dir=args.runs_dir)
     except UserError as exc:
         print(f"avg {args.command}: error: {exc}", file=sys.stderr)
         return 2

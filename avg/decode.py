@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -66,12 +67,13 @@ class Retrieval:
 @torch.inference_mode()
 def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_beams: int = 10,
              batch_size: int = 64, constrained: bool = True, k: int | None = None, decoder: str = "fast",
-             cache: EncoderCache | None = None) -> Retrieval:
+             cache: EncoderCache | None = None, progress: bool = False) -> Retrieval:
     """Top-``k`` (default ``num_beams``) identifiers per caption by beam search, constrained to ``trie``.
 
     ``decoder``: ``fast`` (:func:`beam_search`) or ``generate`` (the ``transformers`` reference path).
     ``cache``: encoder states of these captions computed earlier (:class:`EncoderCache`, valid while the
-    encoder's weights do not change); without it every caption is encoded here.
+    encoder's weights do not change); without it every caption is encoded here. ``progress``: a bar over
+    the captions (the evaluate step's recall run; off for timing loops and per-epoch validation).
     With ``constrained=False`` the search runs unmasked through ``generate`` (for measuring the trie's
     overhead); generated sequences absent from ``trie`` then come back with value -1.
     """
@@ -93,6 +95,7 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
     tokens = np.full((n, k, length), -1, dtype=np.int64)
     processors = LogitsProcessorList([TrieLogitsProcessor(trie)] if constrained else [])
     t0 = time.perf_counter()
+    bar = tqdm(total=n, desc="decoding", unit="query", mininterval=1.0, disable=not progress)
     try:
         for start in range(0, n, batch_size):
             batch = list(captions[start:start + batch_size])
@@ -120,7 +123,9 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
             values[rows] = np.where(kept, np.take_along_axis(found, keep, 1), -1)
             scores[rows] = np.where(kept, np.take_along_axis(seq_scores, keep, 1), -np.inf)
             tokens[rows] = np.where(kept[..., None], np.take_along_axis(seqs, keep[..., None], 1), -1)
+            bar.update(b)
     finally:
+        bar.close()
         if was_training:
             vm.model.train()
     return Retrieval(values, scores, tokens, time.perf_counter() - t0)

@@ -105,7 +105,8 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     trie_s = time.perf_counter() - t0
 
     with torch.inference_mode():
-        res = retrieve(vm, captions, trie, num_beams=g["num_beams"], batch_size=g["batch_size"], decoder=g["decoder"])
+        res = retrieve(vm, captions, trie, num_beams=g["num_beams"], batch_size=g["batch_size"], decoder=g["decoder"],
+                       progress=True)
         timing = time_queries(lambda caps: retrieve(vm, list(caps), trie, num_beams=g["num_beams"], batch_size=len(caps),
                                                     decoder=g["decoder"]),
                               captions, g["latency_queries"], g["batch_size"])

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -561,7 +562,8 @@ def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.nda
     sizes = [mc.codebook_size] * mc.levels
     best, best_state, best_epoch, since_best = math.inf, None, 0, 0
     history = []
-    for epoch in range(1, tc.epochs + 1):
+    bar = tqdm(range(1, tc.epochs + 1), desc="tokenizer", unit="epoch", mininterval=1.0)
+    for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
@@ -591,6 +593,7 @@ def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.nda
             row.update({f"val.{k}": v for k, v in _evaluate(model, vx, vt, vh, tc).items()})
             row["val.recon_cosine"] = reconstruction_cosine(encode(model, vx, balance=False).recon, np.asarray(val_x))
         score = row[f"{selection}.total"]
+        bar.set_postfix({f"{selection} loss": f"{score:.4f}"}, refresh=False)
         for k, v in row.items():
             if k != "epoch":
                 log(k, float(v), epoch)
@@ -603,6 +606,7 @@ def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.nda
             if tc.patience and since_best >= tc.patience:
                 logger.info("tokenizer: no %s improvement for %d epochs, stopping at epoch %d", selection, since_best, epoch)
                 break
+    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     best_row = history[best_epoch - 1]

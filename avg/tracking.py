@@ -46,6 +46,9 @@ def build_experiment(step: str, runs_dir: str | os.PathLike):
     # Capture through sys so tqdm/logging keep working in the terminal while Sacred records them.
     SETTINGS.CAPTURE_MODE = "sys"
     ex = Experiment(f"avg.{step}", save_git_info=True)
+    # cout.txt keeps what the terminal finally shows (each progress bar's last state), not every redraw
+    from sacred.utils import apply_backspaces_and_linefeeds
+    ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.logger = logging.getLogger(f"sacred.avg.{step}")
     ex.observers.append(FileStorageObserver(str(Path(runs_dir) / step)))
     mongo_url = os.environ.get("AVG_SACRED_MONGO_URL")

@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -349,6 +350,9 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         trainer["history"].append({"epoch": 0, **{f"val_{k}": v for k, v in vmetrics.items()}})
 
     params = [p for p in vm.model.parameters() if p.requires_grad]
+    # one bar over the stage's steps (batches/s, loss, last validation); only rank 0 draws it
+    bar = tqdm(total=steps_per_epoch * optim.epochs, initial=steps_per_epoch * (start - 1), desc=stage, unit="batch",
+               mininterval=1.0, disable=rank != 0 or trainer["done"])
     for epoch in range(start, optim.epochs + 1):
         if trainer["done"]:
             break
@@ -383,6 +387,8 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
             scaler.update()
             sched.step()
             n_batches += 1
+            bar.update(1)
+            bar.set_postfix({"epoch": epoch, "loss": f"{sums.get('loss', 0.0) / n_batches:.3f}"}, refresh=False)
         sums = _all_reduce_sums(sums)
         train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         # validation every `every` epochs and after the last; patience counts validations
@@ -394,6 +400,8 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
             logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if due:
             consider(epoch, vmetrics)
+            bar.set_postfix({"epoch": epoch, f"val {sel}": f"{vmetrics[sel]:.3f}",
+                             "best": f"{trainer['best_score']:.3f}@{trainer['best_epoch']}"}, refresh=False)
         trainer["history"].append(row)
         trainer["epoch"] = epoch
         if optim.patience and trainer["stale"] >= optim.patience:
@@ -402,6 +410,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         t0 = time.perf_counter()
         ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")}, scaler)
 
+    bar.close()
     _barrier()   # rank 0 has finished writing best/ before any rank reads it
     # leave the model holding the best validated weights
     if "_best_state" in trainer:

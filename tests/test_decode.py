@@ -104,3 +104,62 @@ def test_unconstrained_decoding_can_leave_the_corpus(vm):
     assert (free.values[0] == -1).sum() >= 4                  # ... most of them not identifiers of the corpus
     bound = retrieve(vm, ["a red apple"], trie, num_beams=6)
     assert sorted(bound.values[0][:2].tolist()) == [0, 1] and (bound.values[0][2:] == -1).all()
+
+
+# ---------------------------------------------------------------------- fast decoder == generate
+def same_beams(fast, ref, atol: float = 1e-4) -> None:
+    """Both decoders found the same identifiers with the same scores, ties aside.
+
+    Scores must agree position by position. Within a run of tied scores any order is right, so there the
+    identifier sets must agree; a tied run that reaches the last beam is skipped (which of the tied
+    candidates made it into the beam is arbitrary)."""
+    np.testing.assert_allclose(fast.scores, ref.scores, atol=atol, rtol=1e-5)
+    for fv, rv, sc in zip(fast.values, ref.values, ref.scores):
+        n, start = len(sc), 0
+        while start < n:
+            end = start + 1
+            while end < n and (sc[end] == sc[start] or abs(sc[end] - sc[end - 1]) <= atol):
+                end += 1
+            if end < n or end - start == 1:
+                assert set(fv[start:end]) == set(rv[start:end]), (fv, rv, sc)
+            start = end
+
+
+@st.composite
+def decoding_cases(draw):
+    codes = all_codes()
+    rows = draw(st.lists(st.integers(0, len(codes) - 1), min_size=1, max_size=40, unique=True))
+    caps = [" ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6))) for _ in range(draw(st.integers(1, 3)))]
+    return codes[rows], caps, draw(st.integers(1, 12)), draw(st.integers(0, 10_000)), draw(st.booleans())
+
+
+@settings(max_examples=30, deadline=None)
+@given(decoding_cases())
+def test_fast_decoder_returns_what_generate_returns(case):
+    """Random tries, random weights (a fresh tiny model per seed), 1-12 beams: the same top-k and scores."""
+    codes, caps, beams, seed, shared = case
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(**TINY, shared_vokens=shared, voken_init="random"), SIZES, seed=seed)
+    model.model.eval()
+    trie = token_trie(model, codes)
+    fast = retrieve(model, caps, trie, num_beams=beams, decoder="fast", batch_size=2)
+    ref = retrieve(model, caps, trie, num_beams=beams, decoder="generate", batch_size=2)
+    same_beams(fast, ref)
+    assert np.array_equal(fast.values >= 0, ref.values >= 0)
+
+
+def test_fast_decoder_reads_cached_encoder_states(vm):
+    from avg.model import EncoderCache
+
+    trie = token_trie(vm, all_codes()[::2])
+    caps = ["a red apple", "dog", "the small blue house tree lemon"]
+    cache = EncoderCache(vm, caps + ["an unused caption"])
+    fresh = retrieve(vm, caps, trie, num_beams=6)
+    cached = retrieve(vm, caps, trie, num_beams=6, cache=cache)
+    assert np.array_equal(fresh.values, cached.values)
+    np.testing.assert_allclose(fresh.scores, cached.scores, atol=1e-5)
+
+
+def test_unknown_decoder_is_refused(vm):
+    with pytest.raises(ValueError, match="unknown decoder"):
+        retrieve(vm, ["a dog"], token_trie(vm, all_codes()[:3]), num_beams=2, decoder="greedy")

@@ -120,3 +120,24 @@ def test_t5_path_adds_vokens_and_decodes_constrained(tiny_t5, tmp_path):
     vm.save(tmp_path / "ckpt")
     again = retrieve(VokenModel.load(tmp_path / "ckpt"), ["a red apple"], trie, num_beams=4)
     assert np.array_equal(res.values, again.values)
+
+
+def test_t5_fast_decoder_returns_what_generate_returns(tiny_t5):
+    """The own beam search on T5 (its past key values, relative position bias) against generate, ties aside."""
+    from test_decode import same_beams
+
+    rng = np.random.default_rng(1)
+    allc = np.stack(np.meshgrid(*[np.arange(k) for k in (6, 6, 3)], indexing="ij"), -1).reshape(-1, 3)
+    for shared in (True, False):
+        vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), shared_vokens=shared, voken_init="random"),
+                         [6, 6, 3], seed=2)
+        with torch.no_grad():   # distinct voken rows: a random tiny T5's new tokens are near copies, i.e. all ties
+            w = vm.model.lm_head.weight
+            w[vm.spec.first_id:] = torch.randn(w[vm.spec.first_id:].shape, generator=torch.Generator().manual_seed(5)) * 2
+        vm.model.eval()
+        for _ in range(6):
+            codes = allc[rng.choice(len(allc), int(rng.integers(2, 40)), replace=False)]
+            trie = token_trie(vm, codes)
+            beams = int(rng.integers(1, 12))
+            caps = ["a red apple", "the dog is small"]
+            same_beams(retrieve(vm, caps, trie, num_beams=beams), retrieve(vm, caps, trie, num_beams=beams, decoder="generate"))

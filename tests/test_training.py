@@ -277,3 +277,60 @@ def test_scheme_without_codebook_trains_with_random_vokens(tmp_path):
                      out=tmp_path / "o", state_dir=None)
     step.run(args, cfg, nolog, "x")
     assert io.read_json(tmp_path / "o" / "train.json")["voken_init_used"] == "random"
+
+
+# ---------------------------------------------------------------------- frozen encoder: states computed once
+def test_encoder_cache_gives_the_loss_of_recomputing():
+    """A frozen encoder's cached states give the same teacher-forced loss (and gradients) as encoding again."""
+    from avg.model import EncoderCache
+    from avg.training import _teacher_forced
+
+    vm = tiny_model(seed=1, freeze_encoder=True, dropout=0.1)
+    pairs = memo_pairs(vm, n=12)
+    vm.model.train()
+    vm.model.get_encoder().eval()            # what _fit does with a frozen encoder
+    cache = EncoderCache(vm, pairs.captions)
+    idx = [3, 0, 7, 11, 5]                   # a batch of different caption lengths: padding differs from the cache's
+    caps = [pairs.captions[i] for i in idx]
+    t = torch.as_tensor(pairs.tokens[idx])
+    losses, grads = [], []
+    for c in (None, cache):
+        torch.manual_seed(0)                 # the same decoder dropout for both
+        vm.model.zero_grad()
+        logits = _teacher_forced(vm, caps, t, c)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1))
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in vm.model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_encoder_training_matches_uncached_training():
+    """The generative stage with a frozen encoder (cached states) learns what the uncached loop learns."""
+    from avg import training as T
+
+    results = []
+    for cached in (True, False):
+        vm = tiny_model(seed=2, freeze_encoder=True)
+        pairs = memo_pairs(vm, n=12)
+        optim = OptimConfig(epochs=3, batch_size=6, lr=5e-3, warmup_ratio=0.0, patience=0)
+        if not cached:   # the same loop with the cache switched off: every batch encoded again
+            orig, T._cache_if_frozen = T._cache_if_frozen, lambda vm, caps: None
+        try:
+            out = train_generative(vm, pairs, pairs, optim, ValConfig(num_beams=4), nolog, seed=0)
+        finally:
+            if not cached:
+                T._cache_if_frozen = orig
+        results.append([h["train_loss"] for h in out["history"]])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4)
+
+
+def test_validation_every_n_epochs_and_after_the_last():
+    vm = tiny_model(seed=0)
+    pairs = memo_pairs(vm, n=10)
+    out = train_generative(vm, pairs, pairs, OptimConfig(epochs=5, batch_size=5, lr=5e-3, patience=0),
+                           ValConfig(num_beams=4, every=2), nolog, seed=0)
+    validated = [h["epoch"] for h in out["history"] if "val_recall@1" in h]
+    assert validated == [2, 4, 5]
+    assert out["best_epoch"] in validated

@@ -13,3 +13,15 @@ def GPU(step):
     """One GPU for a step whose device asks for CUDA (Slurm's gpu resource), none otherwise."""
     device = config[step].get("device") or config[step].get("generative", {}).get("device", "cpu")
     return 1 if str(device).startswith("cuda") else 0
+
+
+def step_threads(step):
+    """Cores a job of ``step`` holds: the thread count its params pin (``<step>.threads``; 0 = every core).
+    The step pins torch/BLAS to that count itself (avg/threads.py), so --cores changes scheduling, not results."""
+    return config[step].get("threads") or workflow.cores
+
+
+# Timed rules (every evaluation: latency and QPS are measured there) hold every core and the `timing`
+# resource, so no other job runs beside them: their figures are not shared with a training next door.
+# workflow/profiles/default/config.yaml (used by `snakemake` automatically) caps `timing` at 1.
+TIMED_THREADS = workflow.cores

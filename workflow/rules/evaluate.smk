@@ -10,8 +10,9 @@ rule evaluate_dense:
     params:
         cfg=cfg_json("evaluate", drop=("rerank",)),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
-    threads: 1
+    threads: TIMED_THREADS
     resources:
+        timing=1,
         mem_mb=4000,
         runtime=30,
     shell:
@@ -39,8 +40,9 @@ rule evaluate_generative:
     params:
         cfg=cfg_json("evaluate", drop=("rerank",)),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
-    threads: 1
+    threads: TIMED_THREADS
     resources:
+        timing=1,
         mem_mb=4000,
         runtime=60,
         gpu=GPU("evaluate"),
@@ -68,8 +70,9 @@ rule evaluate_rerank:
     params:
         cfg=cfg_json("evaluate"),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
-    threads: 1
+    threads: TIMED_THREADS
     resources:
+        timing=1,
         mem_mb=4000,
         runtime=30,
     shell:

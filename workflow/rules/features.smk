@@ -8,10 +8,10 @@ rule features:
         f"logs/{DATASET}/features.log",
     params:
         cfg=cfg_json("features"),
-    threads: workflow.cores
+    threads: step_threads("features")
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=GPU("features"),
     shell:
-        "OMP_NUM_THREADS={threads} avg features --params-json {params.cfg:q} --raw {input} --out {output} 2>&1 | tee {log}"
+        "avg features --params-json {params.cfg:q} --raw {input} --out {output} 2>&1 | tee {log}"

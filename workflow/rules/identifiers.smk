@@ -13,7 +13,7 @@ rule tokenizer:
         f"logs/{DATASET}/tokenizer_{{scheme}}.log",
     params:
         cfg=cfg_json("tokenizer"),
-    threads: 1
+    threads: step_threads("tokenizer")
     resources:
         mem_mb=4000,
         runtime=120,

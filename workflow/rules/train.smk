@@ -30,13 +30,13 @@ rule train_generative:
     params:
         cfg=train_cfg,
         pq=lambda wildcards: pq_flag(wildcards.name),
-    threads: workflow.cores
+    threads: step_threads("train")
     resources:
         mem_mb=8000,
         runtime=600,
         gpu=GPU("train"),
     shell:
-        "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
+        "avg train --params-json {params.cfg:q} --features {input.features} "
         "--identifiers {input.identifiers} --stage generative {params.pq} --out {output} 2>&1 | tee {log}"
 
 
@@ -55,11 +55,11 @@ rule train_discriminative:
     params:
         cfg=train_cfg,
         pq=lambda wildcards: pq_flag(wildcards.name),
-    threads: workflow.cores
+    threads: step_threads("train")
     resources:
         mem_mb=8000,
         runtime=600,
         gpu=GPU("train"),
     shell:
-        "OMP_NUM_THREADS={threads} avg train --params-json {params.cfg:q} --features {input.features} "
+        "avg train --params-json {params.cfg:q} --features {input.features} "
         "--identifiers {input.identifiers} --stage discriminative {params.pq} --init-from {input.init} --out {output} 2>&1 | tee {log}"
