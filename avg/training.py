@@ -217,6 +217,7 @@ def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfi
                                label_smoothing=optim.label_smoothing)
         return {"loss": loss}
 
+    step.cache = cache
     return _fit(vm, "generative", len(train.captions), step, val, optim, val_cfg, log,
                 checkpointer or Checkpointer(None), seed, validate_initial=False,
                 val_cache=_cache_if_frozen(vm, val.captions))
@@ -235,7 +236,9 @@ def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimC
     def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
         caps = [train.captions[i] for i in idx]
         gold = targets[idx]                                                        # [b, L]
+        t_neg = time.perf_counter()
         beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps), cache=cache)
+        step.negatives_seconds += time.perf_counter() - t_neg
         negs = torch.as_tensor(beams.tokens)                                       # [b, n, L], -1 pads
         is_neg = torch.as_tensor(beams.values >= 0) & ~(negs == gold[:, None, :]).all(-1)
         negs = torch.where(is_neg[..., None], negs, gold[:, None, :])             # pads: harmless filler
@@ -252,9 +255,20 @@ def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimC
         return {"loss": rank.rank_weight * r + rank.ce_weight * ce, "rank_loss": r.detach(), "ce": ce.detach(),
                 "gold_top1": gold_first.detach()}
 
+    step.negatives_seconds = 0.0
+    step.cache = cache
     return _fit(vm, "discriminative", len(train.captions), step, val, optim, val_cfg, log,
                 checkpointer or Checkpointer(None), seed, validate_initial=True,
                 val_cache=_cache_if_frozen(vm, val.captions))
+
+
+def _phase_extra(step_fn) -> dict:
+    """Phase timers a step function keeps itself (the discriminative stage's negatives decoding)."""
+    return {"negatives_decoding": step_fn.negatives_seconds} if hasattr(step_fn, "negatives_seconds") else {}
+
+
+def _cache_seconds(step_fn, val_cache: EncoderCache | None) -> float:
+    return sum(c.seconds for c in (getattr(step_fn, "cache", None), val_cache) if c is not None)
 
 
 def _cache_if_frozen(vm: VokenModel, captions: list[str]) -> EncoderCache | None:
@@ -339,9 +353,14 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         else:
             trainer["stale"] += 1
 
+    phases = trainer.setdefault("phase_seconds", {"steps": 0.0, "validation": 0.0})
+
     def validated() -> dict:
         # every rank decodes (no rank idles into a collective timeout); rank 0's figures decide for all
-        return _broadcast_object(validate(vm, val, val_cfg, seed, val_cache))
+        t = time.perf_counter()
+        out = _broadcast_object(validate(vm, val, val_cfg, seed, val_cache))
+        phases["validation"] += time.perf_counter() - t
+        return out
 
     if start == 1 and validate_initial:
         vmetrics = validated()
@@ -373,11 +392,13 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
                 # gradients are reduced across ranks once per step, on the last micro-batch
                 sync = world == 1 or i == len(micro) - 1
                 with (contextlib.nullcontext() if sync else runner.no_sync()):
+                    t_step = time.perf_counter()
                     out = runner(idx)
                     # DDP averages gradients over ranks: weight by world so the sum is the batch mean
                     weight = share * world
                     loss = out["loss"] if weight == 1.0 else out["loss"] * weight
                     scaler.scale(loss).backward()
+                    phases["steps"] += time.perf_counter() - t_step
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + (float(v.detach()) if share == 1.0 else float(v.detach()) * share)
             if optim.grad_clip > 0:
@@ -422,6 +443,9 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
     trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
     result = {"stage": stage, "best_epoch": trainer["best_epoch"], "epochs_run": trainer["epoch"],
               "select_metric": sel, "seconds": trainer["seconds"], "history": trainer["history"],
+              # where the minutes went: forward + backward of the batches (discriminative: negatives' decoding
+              # included, also on its own), per-epoch validation decoding, the frozen encoder's one-off pass
+              "phase_seconds": {**phases, **_phase_extra(step_fn), "encoder_cache": _cache_seconds(step_fn, val_cache)},
               "precision": precision_name(amp), "grad_accum_steps": optim.grad_accum_steps, "world_size": world}
     result.update({f"val_{k}": v for k, v in (trainer["best_val"] or {}).items()})
     return result
