@@ -265,8 +265,13 @@ def build_model(cfg: ModelConfig, position_sizes: Sequence[int], codebook: np.nd
                              "use voken_init='random' for schemes without one")
         _init_vokens_from_codebook(vm, np.asarray(codebook, dtype=np.float32), seed)
     if cfg.freeze_encoder:
+        # T5 shares one embedding matrix between encoder, decoder and head: it holds the vokens and must
+        # keep learning. The rows captions use never change through it (only voken and start rows get
+        # gradients), so the encoder's outputs stay fixed and EncoderCache stays valid.
+        shared = {id(p) for p in vm.model.get_decoder().parameters()}
         for p in vm.model.get_encoder().parameters():
-            p.requires_grad_(False)
+            if id(p) not in shared:
+                p.requires_grad_(False)
     return vm
 
 

@@ -141,3 +141,11 @@ def test_t5_fast_decoder_returns_what_generate_returns(tiny_t5):
             beams = int(rng.integers(1, 12))
             caps = ["a red apple", "the dog is small"]
             same_beams(retrieve(vm, caps, trie, num_beams=beams), retrieve(vm, caps, trie, num_beams=beams, decoder="generate"))
+
+
+def test_t5_frozen_encoder_keeps_the_shared_voken_embeddings_trainable(tiny_t5):
+    """T5 ties encoder, decoder and head embeddings: freezing the encoder must not freeze the vokens."""
+    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), freeze_encoder=True, voken_init="random"), [6, 6, 3])
+    assert vm.model.shared.weight.requires_grad
+    enc_only = [p for n, p in vm.model.get_encoder().named_parameters() if "embed_tokens" not in n]
+    assert enc_only and not any(p.requires_grad for p in enc_only)
