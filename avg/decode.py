@@ -136,7 +136,7 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
 
 @torch.inference_mode()
 def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: Trie,
-                num_beams: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_beams: int, lean: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Beam search over fixed-length identifiers in ``trie``, batched, with the decoder's key/value cache.
 
     ``hidden [b, S, H]``, ``mask [b, S]``: the encoder's states of ``b`` captions (:meth:`VokenModel.encode_states`).
@@ -149,7 +149,9 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     beam from the trie's CSR rows (``offsets[node] : offsets[node + 1]``), a top-``W`` over beams × vokens,
     and one ``searchsorted`` to move every beam to its child node. Only the vokens' columns are ranked
     (the trie holds voken tokens only); the softmax still runs over the whole vocabulary, so scores equal
-    ``generate``'s and :meth:`VokenModel.sequence_logprobs`.
+    ``generate``'s and :meth:`VokenModel.sequence_logprobs`. The decoder step itself is
+    :class:`avg.lean_decoder.LeanBertDecoder` for the small voken decoder (``lean=False``: the model's
+    own forward, as for T5, whose ``past_key_values`` cache is used).
     """
     b, width = hidden.shape[0], num_beams
     device = hidden.device
@@ -164,12 +166,10 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     node = torch.zeros(b, dtype=torch.long, device=device)
     beam_scores = torch.zeros(b, 1, device=device)
     tokens = torch.zeros(b, 0, dtype=torch.long, device=device)
-    enc_hidden, enc_mask, past = hidden, mask, None
+    step_logits = _decoder_steps(vm, hidden, mask, length, lean)
     for step in range(length):
-        out = vm.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_hidden), attention_mask=enc_mask,
-                       decoder_input_ids=inp, cache=past, use_cache=True, return_dict=True)
-        past = out.cache
-        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, first:first + nv]      # [rows, nv]
+        logits = step_logits(inp)
+        logp = torch.log_softmax(logits.float(), dim=-1)[:, first:first + nv]                 # [rows, nv]
         cur = beam_scores.shape[1]
         # allowed continuations: the children of each beam's node (CSR slice), everything else -inf
         rows, toks = _children_torch(keys[step], offsets[step], node, base)
@@ -188,15 +188,51 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
         node = torch.where(alive, child, torch.full_like(child, -1))
         tokens = torch.cat([tokens[src], tok[:, None]], dim=1)
         beam_scores = top
-        if step == 0:
-            enc_hidden = hidden.repeat_interleave(width, dim=0)
-            enc_mask = mask.repeat_interleave(width, dim=0)
-        past.reorder_cache(src)
+        step_logits.reorder(src, width)
         inp = tok[:, None]
     leaf = node.clamp(min=0)
     values = torch.as_tensor(trie.values, device=device)[leaf].long()
     values = torch.where(node >= 0, values, torch.full_like(values, -1))
     return tokens.view(b, width, length), beam_scores, values.view(b, width)
+
+
+class _ModelSteps:
+    """One decoder step through the model's own forward with its key/value cache (any seq2seq model)."""
+
+    def __init__(self, vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor):
+        self.vm, self.base_hidden, self.base_mask = vm, hidden, mask
+        self.hidden, self.mask, self.past = hidden, mask, None
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        out = self.vm.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.hidden), attention_mask=self.mask,
+                            decoder_input_ids=inp, cache=self.past, use_cache=True, return_dict=True)
+        self.past = out.cache
+        return out.logits[:, -1]
+
+    def reorder(self, src: torch.Tensor, width: int) -> None:
+        if self.hidden.shape[0] != src.shape[0]:       # after step 0: b rows become b * W
+            self.hidden = self.base_hidden.repeat_interleave(width, dim=0)
+            self.mask = self.base_mask.repeat_interleave(width, dim=0)
+        self.past.reorder_cache(src)
+
+
+class _LeanSteps:
+    """One decoder step through :class:`avg.lean_decoder.LeanBertDecoder` (the small voken decoder)."""
+
+    def __init__(self, vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, length: int):
+        from avg.lean_decoder import LeanBertDecoder
+        self.dec = LeanBertDecoder(vm.model, hidden, mask, length)
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        return self.dec.step(inp[:, -1])
+
+    def reorder(self, src: torch.Tensor, width: int) -> None:
+        self.dec.reorder(src)
+
+
+def _decoder_steps(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, length: int, lean: bool):
+    from avg.lean_decoder import supports
+    return _LeanSteps(vm, hidden, mask, length) if lean and supports(vm.model) else _ModelSteps(vm, hidden, mask)
 
 
 def _children_torch(keys: torch.Tensor, offsets: torch.Tensor, node: torch.Tensor, base: int):

@@ -81,7 +81,10 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     from avg.device import resolve_device
     from avg.model import VokenModel
 
-    g = {**DEFAULTS, **(cfg.get("generative") or {})}
+    if "generative" not in cfg:
+        raise UserError("generative evaluation needs the evaluate.generative slice of params/evaluate.yaml (num_beams, "
+                        "batch_size, latency_queries, max_queries, device, decoder); it is missing from the params given")
+    g = {**DEFAULTS, **cfg["generative"]}
     split = split or cfg.get("split", "test")
     ks = list(cfg.get("ks", (1, 5, 10)))
     if max(ks) > g["num_beams"]:

@@ -7,7 +7,7 @@ encoder (MiniLM sentence embeddings; doubled for the ``concat`` variant, whose i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -15,20 +15,30 @@ from avg.errors import UserError
 from avg.metrics import l2_normalise
 
 
-def embed_queries(meta: dict, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
-    """``[n, dim]`` L2-normalised query embeddings in the space of the store described by ``meta``."""
+def query_encoder(meta: dict, device: str = "cpu") -> Callable[[Sequence[str]], np.ndarray]:
+    """``texts -> [n, dim]`` L2-normalised query embeddings in the space of the store described by ``meta``,
+    with the encoder loaded once (for timing many queries, or serving them)."""
     encoder = str(meta.get("encoder") or "")
     if encoder == "offline":
         from avg.alignment import concat_pair
         from avg.encoders.offline import OfflineEncoder
 
-        text = OfflineEncoder(device=device, progress=False).encode_texts(list(texts))
-        chosen = (meta.get("alignment") or {}).get("chosen", "bridge")
-        return concat_pair(text, text) if chosen == "concat" else l2_normalise(text)
+        enc = OfflineEncoder(device=device, progress=False)
+        concat = (meta.get("alignment") or {}).get("chosen", "bridge") == "concat"
+
+        def offline(texts: Sequence[str]) -> np.ndarray:
+            text = enc.encode_texts(list(texts))
+            return concat_pair(text, text) if concat else l2_normalise(text)
+        return offline
     if encoder.startswith("clip:"):
         from avg.encoders.clip import ClipEncoder
 
-        enc = ClipEncoder(encoder.split(":", 1)[1], device=device)
-        return l2_normalise(enc.encode_texts(list(texts), progress=False))
+        clip = ClipEncoder(encoder.split(":", 1)[1], device=device)
+        return lambda texts: l2_normalise(clip.encode_texts(list(texts), progress=False))
     raise UserError(f"the feature store's meta.json names encoder {encoder!r}, which queries cannot be embedded with "
                     "(known: offline, clip:<model>); rebuild the features with `avg features`")
+
+
+def embed_queries(meta: dict, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
+    """``[n, dim]`` L2-normalised query embeddings in the space of the store described by ``meta``."""
+    return query_encoder(meta, device)(texts)

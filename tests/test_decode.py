@@ -163,3 +163,22 @@ def test_fast_decoder_reads_cached_encoder_states(vm):
 def test_unknown_decoder_is_refused(vm):
     with pytest.raises(ValueError, match="unknown decoder"):
         retrieve(vm, ["a dog"], token_trie(vm, all_codes()[:3]), num_beams=2, decoder="greedy")
+
+
+@pytest.mark.parametrize("dec_hidden", [32, 48])   # 48: the encoder's 32-d states go through enc_to_dec_proj
+def test_lean_decoder_steps_equal_the_models_own_forward(dec_hidden):
+    """avg.lean_decoder (the small decoder's step without transformers' call machinery) == the model's forward."""
+    from avg.decode import beam_search
+    from avg.lean_decoder import supports
+
+    cfg = {**TINY, "decoder_hidden": dec_hidden, "decoder_layers": 2, "decoder_ffn": 80}
+    model = build_model(ModelConfig(**cfg, shared_vokens=False, voken_init="random"), SIZES, seed=11)
+    model.model.eval()
+    assert supports(model.model)
+    trie = token_trie(model, all_codes()[::2])
+    with torch.inference_mode():
+        hidden, mask = model.encode_states(model.tokenize(["a red apple", "the small dog near a blue house tree"]))
+        lean = beam_search(model, hidden, mask, trie, 7, lean=True)
+        full = beam_search(model, hidden, mask, trie, 7, lean=False)
+    assert torch.equal(lean[2], full[2])
+    torch.testing.assert_close(lean[1], full[1], rtol=1e-5, atol=1e-5)

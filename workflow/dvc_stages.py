@@ -29,9 +29,9 @@ def _params(step: str, key: str | None = None) -> list:
     return [{f"params/{step}.yaml": [key or step]}]
 
 
-def _params_except(step: str, keys, drop: str) -> list:
-    """Every key of the step's slice but ``drop`` (read only by other stages: changing it must not rerun this one)."""
-    return [{f"params/{step}.yaml": [f"{step}.{k}" for k in keys if k != drop]}]
+def _params_except(step: str, keys, *drop: str) -> list:
+    """Every key of the step's slice but ``drop`` (read only by other stages: changing them must not rerun this one)."""
+    return [{f"params/{step}.yaml": [f"{step}.{k}" for k in keys if k not in drop]}]
 
 
 def stage(cmd: str, deps: list[str], params: list, outs: list, metrics: list | None = None) -> dict:
@@ -48,7 +48,10 @@ def render(params_dir: Path) -> dict:
     train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
     evaluate = yaml.safe_load((params_dir / "evaluate.yaml").read_text())["evaluate"]
     config = {"identifiers": ident, "train": train, "evaluate": evaluate}
-    eval_params = _params_except("evaluate", evaluate, "rerank")   # only the -rr stages read evaluate.rerank
+    # only the -rr stages read evaluate.rerank, only the dense stage evaluate.dense, only generative ones .generative
+    eval_params = _params_except("evaluate", evaluate, "rerank", "dense")
+    dense_params = _params_except("evaluate", evaluate, "rerank", "generative")
+    rerank_params = _params_except("evaluate", evaluate, "dense", "generative")
     pq_schemes = pseudo_query_schemes(config)
     methods = all_methods(config)
     stages: dict[str, dict] = {
@@ -59,7 +62,8 @@ def render(params_dir: Path) -> dict:
                           _params("features"), [f"{D}/features"]),
         "evaluate_dense": stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",
-            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py"], eval_params,
+            [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py", "avg/dense_index.py", "avg/timing.py",
+             "avg/query_features.py"], dense_params,
             [f"{D}/eval/dense.rankings.tsv"], [f"{D}/eval/dense.json"]),
     }
     for scheme in ident["schemes"]:
@@ -92,7 +96,7 @@ def render(params_dir: Path) -> dict:
                 f"--rerank {D}/eval/{src}.json",
                 [f"{D}/features", f"{D}/eval/{src}.json", f"{D}/eval/{src}.rankings.tsv", "avg/steps/evaluate.py",
                  "avg/rerank.py", "avg/metrics.py"],
-                _params("evaluate"), [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
+                rerank_params, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
             continue
         stages[f"evaluate_{method}"] = stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
@@ -129,8 +133,10 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
             "metrics": [{f"{R}/metrics.json": {"cache": False}}]}
 
 
-TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/trie.py"]
-EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/trie.py", "avg/metrics.py"]
+TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/lean_decoder.py", "avg/trie.py"]
+EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/lean_decoder.py",
+             "avg/trie.py", "avg/metrics.py",
+             "avg/timing.py"]
 
 
 def training_stages(scheme: str, train_keys: list[str], pseudo_queries: bool = False) -> dict[str, dict]:

@@ -1,7 +1,11 @@
 """evaluate: text-to-image retrieval over one split's images (the corpus), every caption of it a query.
 
 ``--method dense`` is the two-tower reference: cosine ranking of the same features every other method
-uses. ``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers.
+uses, through the index ``evaluate.dense.index`` names (:mod:`avg.dense_index`: exact numpy brute force
+by default, or faiss ``flat``, ``ivf``, ``hnsw``; an approximate one also reports its recall@10 against
+exact search). Its ``latency_ms`` / ``qps`` are search only (the query embedding given);
+``latency_ms_end_to_end_*`` add embedding the query text the way the features step did.
+``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers.
 ``--rerank <eval json of a generative method>`` reorders that method's top ``evaluate.rerank.depth``
 images by the feature inner product (:mod:`avg.rerank`); its latency is the generative method's plus the
 rerank's, measured here. Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
@@ -12,13 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from avg import featurestore, io
 from avg.errors import UserError
-from avg.metrics import dense_rankings, retrieval_metrics
+from avg.metrics import retrieval_metrics
 from avg.timing import time_queries
 
 STEP = "evaluate"
@@ -53,15 +58,50 @@ def write_rankings(path: Path, captions: pd.DataFrame, corpus_images: pd.Series,
     io.write_csv(path, frame, sep="\t")
 
 
+def end_to_end_timing(feats: featurestore.Features, search: Callable[[np.ndarray], object], cfg: dict) -> dict:
+    """Latency of embedding a caption's text and then searching (``latency_ms_end_to_end_median`` / ``_p95``,
+    ms per query one at a time, after warm-up) and the batched ``qps_end_to_end``, over the first
+    ``min(latency_queries, n)`` captions. The search-only figures are ``latency_ms*`` / ``qps``. A store whose
+    encoder cannot embed text (a test store) gets ``null`` figures and the reason."""
+    captions = feats.captions["caption"].astype(str).tolist()[:cfg["latency_queries"]]
+    from avg.query_features import query_encoder
+
+    try:
+        encode = query_encoder(feats.meta)
+    except (UserError, OSError) as exc:
+        logger.warning("no end-to-end dense latency: %s", exc)
+        return {"latency_ms_end_to_end_median": None, "latency_ms_end_to_end_p95": None, "qps_end_to_end": None,
+                "end_to_end_note": f"query encoder unavailable: {exc}"}
+    t = time_queries(lambda rows: search(encode([captions[i] for i in rows])), np.arange(len(captions)),
+                     len(captions), cfg["batch_size"])
+    return {"latency_ms_end_to_end_median": t["latency_ms_median"], "latency_ms_end_to_end_p95": t["latency_ms_p95"],
+            "latency_ms_end_to_end": t["latency_ms"], "qps_end_to_end": t["qps"],
+            "end_to_end_queries": t["latency_queries_timed"],
+            "end_to_end_note": "text encoding of the caption (the features step's encoder, CPU) + search; "
+                               "latency_ms / latency_ms_median / qps are search only"}
+
+
 def evaluate_dense(feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Rank the corpus for every caption with the ``evaluate.dense`` index; recall, timings, index figures."""
+    from avg import dense_index
+
     corpus = feats.image
     queries = feats.text
     depth = min(cfg["depth"], corpus.shape[0])
-    rankings = dense_rankings(queries, corpus, depth)
-    scores = np.take_along_axis(queries @ corpus.T, rankings, axis=1)
+    dense = dense_index.check_config(cfg.get("dense"))        # absent (older params): exact, as before
+    index = dense_index.build_index(corpus, dense["index"], dense["ivf"], dense["hnsw"], threads=cfg.get("threads"))
+    rankings, scores = dense_index.search(index, queries, depth)
     metrics = retrieval_metrics(rankings, feats.captions["image_index"].to_numpy(), cfg["ks"])
-    metrics.update(time_queries(lambda q: dense_rankings(q, corpus, depth), queries,
+    metrics.update(time_queries(lambda q: dense_index.search(index, q, depth), queries,
                                 cfg["latency_queries"], cfg["batch_size"]))
+    metrics["dense_index"] = dense_index.describe(index)
+    if index.kind != "exact":
+        k = min(10, corpus.shape[0])
+        exact, _ = dense_index.search(dense_index.build_index(corpus, "exact"), queries, k)
+        metrics["index_recall@10"] = dense_index.index_recall(rankings, exact, k)
+        metrics["index_build_seconds"] = metrics["dense_index"]["build_seconds"]
+        metrics["index_bytes_per_item"] = metrics["dense_index"]["bytes_per_item"]
+    metrics.update(end_to_end_timing(feats, lambda q: dense_index.search(index, q, depth), cfg))
     return metrics, rankings, scores
 
 

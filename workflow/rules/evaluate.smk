@@ -8,7 +8,7 @@ rule evaluate_dense:
     log:
         f"logs/{DATASET}/evaluate_dense.log",
     params:
-        cfg=cfg_json("evaluate", drop=("rerank",)),
+        cfg=cfg_json("evaluate", drop=("rerank", "generative")),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:
@@ -38,7 +38,7 @@ rule evaluate_generative:
     log:
         f"logs/{DATASET}/evaluate_{{method}}.log",
     params:
-        cfg=cfg_json("evaluate", drop=("rerank",)),
+        cfg=cfg_json("evaluate", drop=("rerank", "dense")),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:
@@ -68,7 +68,7 @@ rule evaluate_rerank:
     log:
         f"logs/{DATASET}/evaluate_{{method}}-rr.log",
     params:
-        cfg=cfg_json("evaluate"),
+        cfg=cfg_json("evaluate", drop=("dense", "generative")),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:

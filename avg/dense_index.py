@@ -1,0 +1,244 @@
+"""Dense search indexes over L2-normalised image embeddings: exact brute force and three faiss indexes.
+
+The dense baseline ranks images by the inner product of caption and image embeddings (a cosine: both
+sides are L2-normalised). Comparing generative retrieval only against numpy brute force flatters it at
+large corpora, where nobody searches exhaustively; these kinds make the comparison honest:
+
+* ``exact``: numpy matmul + ``argpartition`` (:func:`avg.metrics.dense_rankings`), the reference every
+  other kind's recall is measured against. The index *is* the embedding matrix.
+* ``flat``: ``faiss.IndexFlatIP``, the same exhaustive search with faiss' blocked BLAS kernels and heap
+  top-k: same rankings as ``exact`` (ties aside), usually faster.
+* ``ivf``: ``faiss.IndexIVFFlat``: k-means cells (``nlist``), a query scans the ``nprobe`` nearest cells
+  only. Approximate; cost falls roughly as ``nprobe / nlist``.
+* ``hnsw``: ``faiss.IndexHNSWFlat``: a navigable small-world graph (``M`` links per node, built with
+  beam ``efConstruction``, searched with beam ``efSearch``). Approximate; no training, slow to build.
+
+All four store the float32 vectors uncompressed, so their memory per item differs only by the search
+structure (:func:`bytes_per_item`). Everything here is a pure function of its arguments (seeded k-means,
+threads set explicitly) so timings and rankings are reproducible.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from avg.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("exact", "flat", "ivf", "hnsw")
+PARAMS_FILE = "params/evaluate.yaml"
+KEY = "evaluate.dense"
+# faiss warns when k-means gets fewer than 39 training points per centroid: its centroids are then noise
+MIN_POINTS_PER_LIST = 39
+# k-means trains on at most this many points per list: enough for stable centroids, and it keeps the
+# build O(nlist² · dim) rather than O(n · nlist · dim) per iteration (faiss' own cap is 256)
+TRAIN_POINTS_PER_LIST = 64
+DEFAULTS = {"index": "exact", "ivf": {"nlist": None, "nprobe": 16},
+            "hnsw": {"m": 32, "ef_construction": 200, "ef_search": 64}}
+
+
+@dataclass
+class DenseIndex:
+    """A built index: ``kind``, the corpus shape, the parameters actually used (after clamping)."""
+    kind: str
+    n: int
+    dim: int
+    params: dict = field(default_factory=dict)
+    index: Any = None                 # faiss index, or the float32 corpus matrix for ``exact``
+    build_seconds: float = 0.0
+    threads: int | None = None
+
+
+def _bad(key: str, value, allowed: str) -> UserError:
+    return UserError(f"{PARAMS_FILE}: {KEY}.{key} = {value!r} is not allowed ({allowed}); fix it in {PARAMS_FILE}")
+
+
+def _int_param(section: dict, name: str, key: str, minimum: int, allow_none: bool = False):
+    value = section.get(name)
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise _bad(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
+    return int(value)
+
+
+def check_config(cfg: dict | None) -> dict:
+    """The ``evaluate.dense`` slice with defaults filled in; :class:`UserError` naming the key when it is wrong.
+
+    The schema (avg/schemas/evaluate.schema.json) already checks the params file; this check also covers
+    callers that build the dict themselves (tests, the benchmark).
+    """
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"{PARAMS_FILE}: unknown key(s) {sorted(unknown)} under {KEY} (allowed: {', '.join(DEFAULTS)})")
+    kind = cfg.get("index", DEFAULTS["index"])
+    if kind not in KINDS:
+        raise _bad("index", kind, "one of " + ", ".join(KINDS))
+    out = {"index": kind}
+    for section in ("ivf", "hnsw"):
+        given = cfg.get(section) or {}
+        if not isinstance(given, dict):
+            raise _bad(section, given, "a mapping")
+        extra = set(given) - set(DEFAULTS[section])
+        if extra:
+            raise UserError(f"{PARAMS_FILE}: unknown key(s) {sorted(extra)} under {KEY}.{section} "
+                            f"(allowed: {', '.join(DEFAULTS[section])})")
+        out[section] = {**DEFAULTS[section], **given}
+    _int_param(out["ivf"], "nlist", "ivf.nlist", 1, allow_none=True)
+    _int_param(out["ivf"], "nprobe", "ivf.nprobe", 1)
+    _int_param(out["hnsw"], "m", "hnsw.m", 2)
+    _int_param(out["hnsw"], "ef_construction", "hnsw.ef_construction", 1)
+    _int_param(out["hnsw"], "ef_search", "hnsw.ef_search", 1)
+    return out
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin faiss' OpenMP threads (``None``/0: leave its default). faiss ships its own OpenMP runtime,
+    which thread limits set before it was imported do not reach, so timings need this call."""
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(int(threads))
+
+
+def auto_nlist(n: int) -> int:
+    """IVF lists for ``n`` items when ``nlist`` is null: ``round(sqrt(n))`` (the usual rule of thumb:
+    a query then scans about ``nprobe * sqrt(n)`` items), at most ``n // 39`` so every list gets the
+    training points k-means needs, at least 1. 101 images -> 2 lists, 1K -> 25, 10K -> 100, 1M -> 1,000."""
+    return max(1, min(int(round(np.sqrt(n))), n // MIN_POINTS_PER_LIST))
+
+
+def ivf_lists(n: int, nlist: int | None) -> int:
+    """The ``nlist`` actually used for ``n`` items: ``nlist`` itself, clamped (with a warning) to ``n // 39``
+    so k-means has >= 39 points per centroid; null = :func:`auto_nlist`. A corpus under 78 items gets one
+    list: IVF then degenerates to exhaustive search (still correct, never faster)."""
+    if nlist is None:
+        return auto_nlist(n)
+    cap = max(1, n // MIN_POINTS_PER_LIST)
+    if nlist > cap:
+        logger.warning("%s.ivf.nlist = %d needs >= %d training points, the corpus has %d: using nlist = %d "
+                       "(set a smaller nlist, or null for the automatic one, in %s)",
+                       KEY, nlist, MIN_POINTS_PER_LIST * nlist, n, cap, PARAMS_FILE)
+        return cap
+    return nlist
+
+
+def _as_matrix(x: np.ndarray, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"expected a float32 matrix [n, {dim or 'dim'}], got shape {x.shape}")
+    return x
+
+
+def build_index(corpus: np.ndarray, kind: str = "exact", ivf: dict | None = None, hnsw: dict | None = None,
+                threads: int | None = None, seed: int = 0) -> DenseIndex:
+    """Index ``corpus [n, dim]`` (L2-normalised float32 rows) for inner-product search.
+
+    ``ivf``: ``{nlist, nprobe}``; ``hnsw``: ``{m, ef_construction, ef_search}`` (missing keys take
+    :data:`DEFAULTS`; out-of-range values raise :class:`UserError` naming the key). ``threads``: faiss'
+    OpenMP threads for the build and later searches. ``seed``: the IVF k-means' sample and initialisation.
+    """
+    cfg = check_config({"index": kind, "ivf": ivf or {}, "hnsw": hnsw or {}})
+    corpus = _as_matrix(corpus)
+    n, dim = corpus.shape
+    if n == 0:
+        raise ValueError("cannot index an empty corpus")
+    set_threads(threads)
+    t0 = time.perf_counter()
+    if kind == "exact":
+        return DenseIndex(kind, n, dim, {}, corpus, time.perf_counter() - t0, threads)
+    import faiss
+
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+        index.add(corpus)
+        params: dict = {}
+    elif kind == "ivf":
+        nlist = ivf_lists(n, cfg["ivf"]["nlist"])
+        nprobe = min(cfg["ivf"]["nprobe"], nlist)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(seed)
+        n_train = min(n, TRAIN_POINTS_PER_LIST * nlist)
+        rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else slice(None)
+        index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST     # no second subsampling inside faiss
+        index.train(corpus[rows])
+        index.add(corpus)
+        index.nprobe = nprobe
+        params = {"nlist": nlist, "nprobe": nprobe, "nlist_requested": cfg["ivf"]["nlist"], "train_points": n_train}
+    else:  # hnsw
+        h = cfg["hnsw"]
+        index = faiss.IndexHNSWFlat(dim, h["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = h["ef_construction"]
+        index.add(corpus)
+        index.hnsw.efSearch = h["ef_search"]
+        params = dict(h)
+    return DenseIndex(kind, n, dim, params, index, time.perf_counter() - t0, threads)
+
+
+def _exact(queries: np.ndarray, corpus: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`avg.metrics.dense_rankings` (same operations, so the same rankings) that also keeps the scores."""
+    out = np.empty((queries.shape[0], k), dtype=np.int64)
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start:start + chunk] @ corpus.T                              # [c, n]
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]                         # unordered top-k
+        order = np.take_along_axis(sims, part, axis=1).argsort(axis=1)[:, ::-1]
+        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+        scores[start:start + chunk] = np.take_along_axis(sims, out[start:start + chunk], axis=1)
+    return out, scores
+
+
+def search(index: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` corpus rows per query: ``(rankings int64 [n, k], scores float32 [n, k])``, best first.
+
+    ``k`` is capped at the corpus size. An approximate index that finds fewer than ``k`` items (IVF
+    with few probed lists) pads with ranking ``-1`` and score ``-inf``, the convention of
+    :mod:`avg.metrics`. HNSW searches with beam ``max(efSearch, k)`` (faiss' rule), so a deep ranking
+    is never cut short by a small ``ef_search``.
+    """
+    queries = _as_matrix(queries, index.dim)
+    k = min(int(k), index.n)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if index.kind == "exact":
+        return _exact(queries, index.index, k)
+    scores, rankings = index.index.search(queries, k)
+    rankings = rankings.astype(np.int64, copy=False)
+    scores = np.where(rankings >= 0, scores, -np.inf).astype(np.float32, copy=False)
+    return rankings, scores
+
+
+def bytes_per_item(index: DenseIndex, n: int | None = None) -> float:
+    """Memory per corpus item: the size of the index as faiss serialises it (vectors, lists, graph links,
+    headers) divided by ``n`` (default: the indexed count); ``exact`` holds just the float32 matrix.
+    Serialised size is a fair, allocator-independent measure of what the index keeps in memory."""
+    n = index.n if n is None else int(n)
+    if index.kind == "exact":
+        return index.index.nbytes / n
+    import faiss
+
+    return faiss.serialize_index(index.index).nbytes / n
+
+
+def index_recall(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
+    """Share of the exact top-``k`` that the index's top-``k`` found, averaged over queries (recall@k
+    against exact search: 1.0 = the approximate index lost nothing)."""
+    approx, exact = np.asarray(approx)[:, :k], np.asarray(exact)[:, :k]
+    if len(exact) == 0:
+        return float("nan")
+    hits = [len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
+            for a, e in zip(approx, exact)]
+    return float(np.mean(hits))
+
+
+def describe(index: DenseIndex) -> dict:
+    """What the metrics json records about an index: kind, parameters used, build time, memory per item."""
+    return {"kind": index.kind, "params": dict(index.params), "build_seconds": float(index.build_seconds),
+            "bytes_per_item": float(bytes_per_item(index)), "threads": index.threads}
