@@ -105,7 +105,7 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
             batch = [captions[i] for i in rows]
             b = len(batch)
             if fast:
-                hidden, mask = cache.states(batch) if cache is not None else vm.encode_states(vm.tokenize(batch))
+                hidden, mask = cache.states(batch) if cache is not None else _encode(vm, batch)
                 seqs, seq_scores, found = beam_search(vm, hidden, mask, trie, num_beams)
                 seqs, found = seqs.cpu().numpy(), found.cpu().numpy()
                 seq_scores = seq_scores.double().cpu().numpy()
@@ -194,6 +194,16 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     values = torch.as_tensor(trie.values, device=device)[leaf].long()
     values = torch.where(node >= 0, values, torch.full_like(values, -1))
     return tokens.view(b, width, length), beam_scores, values.view(b, width)
+
+
+def _encode(vm: VokenModel, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder states for decoding: :func:`avg.lean_decoder.encode` for the small model, else the model's own."""
+    from avg.lean_decoder import encode, supports_encoder
+
+    enc = vm.tokenize(captions)
+    if supports_encoder(vm.model) and not vm.model.training:
+        return encode(vm.model, enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
+    return vm.encode_states(enc)
 
 
 class _ModelSteps:

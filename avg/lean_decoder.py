@@ -1,5 +1,5 @@
-"""One decoding step of the small voken decoder (the ``minilm`` backbone's BERT decoder), without the
-per-call machinery of ``transformers``.
+"""The small voken model's forward passes at inference (the ``minilm`` backbone: a BERT encoder over the
+caption, a BERT decoder over the vokens), without the per-call machinery of ``transformers``.
 
 Why this exists: at beam 10 over 4 positions on a CPU, a step of the 2-layer, 384-wide decoder is ~40 M
 multiply-adds for one query, well under a millisecond of arithmetic, while a call of
@@ -11,9 +11,12 @@ arithmetic written straight in torch: fused q/k/v projections, a preallocated se
 decodes the weights the model has now, during training too. ``tests/test_decode.py`` checks that it
 gives the transformers path's scores.
 
-Only ``EncoderDecoderModel`` with a ``BertLMHeadModel`` decoder (what :func:`avg.model.build_model`
-makes for ``minilm``) is handled; :func:`supports` says so, and every other model (T5) decodes through
-its own forward with ``past_key_values``.
+The caption encoder gets the same treatment (:func:`encode`): MiniLM's six layers over a dozen tokens are
+~100 M multiply-adds, and at batch 1 the module calls cost more than the arithmetic.
+
+Only ``EncoderDecoderModel`` with a BERT encoder and a ``BertLMHeadModel`` decoder (what
+:func:`avg.model.build_model` makes for ``minilm``) is handled; :func:`supports` says so, and every other
+model (T5) runs through its own forward (the decoder with ``past_key_values``).
 """
 from __future__ import annotations
 
@@ -23,12 +26,47 @@ import torch
 import torch.nn.functional as F
 
 
+def _plain_bert(module, name: str) -> bool:
+    cfg = getattr(module, "config", None)
+    return (type(module).__name__ == name and getattr(cfg, "hidden_act", None) == "gelu"
+            and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute"))
+
+
 def supports(model) -> bool:
     """True for the minilm backbone's decoder (absolute positions, post-LayerNorm BERT, exact GELU)."""
-    dec = getattr(model, "decoder", None)
-    cfg = getattr(dec, "config", None)
-    return (type(dec).__name__ == "BertLMHeadModel" and getattr(cfg, "hidden_act", None) == "gelu"
-            and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute"))
+    return _plain_bert(getattr(model, "decoder", None), "BertLMHeadModel")
+
+
+def supports_encoder(model) -> bool:
+    """True for the minilm backbone's caption encoder (a plain BertModel)."""
+    return _plain_bert(getattr(model, "encoder", None), "BertModel")
+
+
+def _attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[b, 1, 1, S]`` additive mask: padding gets the dtype's minimum, as transformers' own masks."""
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device).masked_fill(
+        mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+
+
+def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[b, S, H]`` of the BERT caption encoder (inference: no dropout, no gradient)."""
+    enc = model.encoder
+    emb = enc.embeddings
+    b, s = input_ids.shape
+    heads = enc.config.num_attention_heads
+    d = enc.config.hidden_size // heads
+    x = emb.word_embeddings(input_ids) + emb.position_embeddings.weight[:s] + emb.token_type_embeddings.weight[0]
+    x = emb.LayerNorm(x)
+    add_mask = _attention_mask(attention_mask, x.dtype)
+    for layer in enc.encoder.layer:
+        sa = layer.attention.self
+        qkv = F.linear(x, torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]),
+                       torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]))
+        q, k, v = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)                         # [b, h, S, d]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask)
+        x = layer.attention.output.LayerNorm(layer.attention.output.dense(a.transpose(1, 2).reshape(b, s, heads * d)) + x)
+        x = layer.output.LayerNorm(layer.output.dense(F.gelu(layer.intermediate.dense(x))) + x)
+    return x
 
 
 @dataclass
@@ -63,9 +101,7 @@ class LeanBertDecoder:
         emb = dec.bert.embeddings
         self.word, self.pos, self.emb_ln = emb.word_embeddings, emb.position_embeddings, emb.LayerNorm
         self.type0 = emb.token_type_embeddings.weight[0]
-        # additive mask over the caption's tokens: padding gets -inf-like, as transformers' own masks
-        self.cross_mask = torch.zeros(b, 1, 1, s, dtype=enc.dtype, device=enc.device).masked_fill(
-            mask[:, None, None, :] == 0, torch.finfo(enc.dtype).min)
+        self.cross_mask = _attention_mask(mask, enc.dtype)
         self.layers = []
         for layer in dec.bert.encoder.layer:
             sa, ca = layer.attention.self, layer.crossattention.self

@@ -182,3 +182,15 @@ def test_lean_decoder_steps_equal_the_models_own_forward(dec_hidden):
         full = beam_search(model, hidden, mask, trie, 7, lean=False)
     assert torch.equal(lean[2], full[2])
     torch.testing.assert_close(lean[1], full[1], rtol=1e-5, atol=1e-5)
+
+
+def test_lean_encoder_equals_the_models_own_encoder(vm):
+    from avg.lean_decoder import encode, supports_encoder
+
+    assert supports_encoder(vm.model)
+    enc = vm.tokenize(["a red apple", "the small dog near a blue house tree", "lemon"])   # padded rows
+    with torch.inference_mode():
+        ours = encode(vm.model, enc["input_ids"], enc["attention_mask"])
+        theirs = vm.encode_states(enc)[0]
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)   # padding positions are never read
