@@ -213,23 +213,31 @@ class EncoderCache:
     The encoder runs in eval mode here: a frozen encoder applies no dropout (training does the same).
     """
 
-    def __init__(self, vm: "VokenModel", captions: Sequence[str], batch_size: int = 256):
+    def __init__(self, vm: "VokenModel", captions: Sequence[str], batch_size: int = 64):
         import time
 
         t0 = time.perf_counter()
+        from avg.lean_decoder import encode, supports_encoder
+
         unique = list(dict.fromkeys(captions))
         self.index = {c: i for i, c in enumerate(unique)}
-        self._states: list[torch.Tensor] = []
+        self._states: list[torch.Tensor | None] = [None] * len(unique)
+        # similar lengths batched together: little padding to run through the encoder
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
         encoder = vm.model.get_encoder()
         was_training = encoder.training
         encoder.eval()
         try:
             with torch.inference_mode():
-                for start in range(0, len(unique), batch_size):
-                    enc = vm.tokenize(unique[start:start + batch_size])
-                    hidden, mask = vm.encode_states(enc)
-                    lengths = mask.sum(1).tolist()
-                    self._states.extend(h[:n].clone() for h, n in zip(hidden, lengths))
+                for start in range(0, len(order), batch_size):
+                    rows = order[start:start + batch_size]
+                    enc = vm.tokenize([unique[i] for i in rows])
+                    if supports_encoder(vm.model):
+                        hidden = encode(vm.model, enc["input_ids"], enc["attention_mask"])
+                    else:
+                        hidden = vm.encode_states(enc)[0]
+                    for i, h, n in zip(rows, hidden, enc["attention_mask"].sum(1).tolist()):
+                        self._states[i] = h[:n].clone()
         finally:
             encoder.train(was_training)
         self.seconds = time.perf_counter() - t0   # the one-off cost, reported with the training phases
