@@ -26,6 +26,10 @@ import pandas as pd
 from avg.errors import UserError
 from avg.params import ParamsError
 
+# working memory of one chunk of knn_captions (scores and their temporaries), whatever the caption count
+CHUNK_BYTES = 256 * 2**20
+
+
 def check_params(cfg: dict) -> None:
     """Loud errors for combinations the schema cannot express (file source without a file)."""
     if cfg["source"] == "file" and not cfg.get("file"):
@@ -37,19 +41,29 @@ def check_params(cfg: dict) -> None:
 
 
 def knn_captions(image_vecs: np.ndarray, text_vecs: np.ndarray, per_image: int,
-                 exclude: np.ndarray | None = None, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                 exclude: np.ndarray | None = None, chunk: int | None = None,
+                 owners: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For every image row, the ``per_image`` caption rows of highest inner product, best first.
 
-    ``exclude [n_images, n_captions]`` (bool) masks pairs that must not be chosen (an image's own captions).
+    Pairs that must not be chosen (an image's own captions) are given either as ``exclude [n_images,
+    n_captions]`` (bool) or, without materialising that matrix, as ``owners = (owner of each caption row,
+    id of each image row)``: a pair is excluded where the two ids are equal.
+    Rows are scored ``chunk`` at a time; by default as many as keep a chunk's working arrays (scores, their
+    negation, the mask, ``argpartition``'s int64 index: ~20 bytes per pair) near :data:`CHUNK_BYTES`, so
+    memory stays flat however many captions there are.
     Returns ``(caption rows [n, m], scores [n, m])``; ``m = min(per_image, n_captions)``.
     """
     m = min(per_image, text_vecs.shape[0])
+    if chunk is None:
+        chunk = max(1, min(4096, CHUNK_BYTES // (20 * max(1, text_vecs.shape[0]))))
     rows = np.zeros((len(image_vecs), m), np.int64)
     scores = np.zeros((len(image_vecs), m), np.float32)
     for start in range(0, len(image_vecs), chunk):       # [chunk, n_captions] at a time: bounded memory
         s = image_vecs[start:start + chunk] @ text_vecs.T
         if exclude is not None:
             s = np.where(exclude[start:start + chunk], -np.inf, s)
+        elif owners is not None:
+            s[owners[0][None, :] == owners[1][start:start + chunk, None]] = -np.inf
         top = np.argpartition(-s, m - 1, axis=1)[:, :m] if m < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
         order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
         rows[start:start + chunk] = np.take_along_axis(top, order, 1)
@@ -64,8 +78,8 @@ def from_knn(feats, splits: list[str], per_image: int) -> pd.DataFrame:
     if len(pool) == 0:
         raise UserError("pseudo-queries (source knn) need train captions to transfer, and the feature store has none")
     own = feats.captions["image_index"].to_numpy()[pool]
-    exclude = own[None, :] == target[:, None]             # a train image never gets its own caption again
-    rows, scores = knn_captions(feats.image[target], feats.text[pool], per_image, exclude)
+    # a train image never gets its own caption again (masked chunk by chunk: no [targets, pool] matrix)
+    rows, scores = knn_captions(feats.image[target], feats.text[pool], per_image, owners=(own, target))
     caps = feats.captions["caption"].astype(str).to_numpy()[pool]
     ok = np.isfinite(scores)
     image = np.repeat(feats.images["image"].to_numpy()[target], rows.shape[1]).reshape(rows.shape)
