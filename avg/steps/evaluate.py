@@ -179,7 +179,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                     "encoder": feats.meta.get("encoder"), "features_run_id": feats.meta.get("sacred_run_id"),
                     "sacred_run_id": run_id})
     out = Path(args.out)
-    write_rankings(rankings_path(out / f"{args.method}.json"), feats.captions, feats.images["image"], rankings, scores)
+    # generative max_queries evaluates the first N captions only: their rows, not the whole split's
+    write_rankings(rankings_path(out / f"{args.method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
+                   rankings, scores)
     io.write_json(out / f"{args.method}.json", metrics)
     logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", args.method, cfg["split"],
                 metrics.get("recall@1", 0), metrics.get("recall@5", 0), metrics.get("recall@10", 0),
