@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from avg.errors import UserError
+from avg.metrics import dense_topk
 
 logger = logging.getLogger(__name__)
 
@@ -182,19 +183,6 @@ def build_index(corpus: np.ndarray, kind: str = "exact", ivf: dict | None = None
     return DenseIndex(kind, n, dim, params, index, time.perf_counter() - t0, threads)
 
 
-def _exact(queries: np.ndarray, corpus: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`avg.metrics.dense_rankings` (same operations, so the same rankings) that also keeps the scores."""
-    out = np.empty((queries.shape[0], k), dtype=np.int64)
-    scores = np.empty((queries.shape[0], k), dtype=np.float32)
-    for start in range(0, queries.shape[0], chunk):
-        sims = queries[start:start + chunk] @ corpus.T                              # [c, n]
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]                         # unordered top-k
-        order = np.take_along_axis(sims, part, axis=1).argsort(axis=1)[:, ::-1]
-        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
-        scores[start:start + chunk] = np.take_along_axis(sims, out[start:start + chunk], axis=1)
-    return out, scores
-
-
 def search(index: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` corpus rows per query: ``(rankings int64 [n, k], scores float32 [n, k])``, best first.
 
@@ -208,7 +196,7 @@ def search(index: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if index.kind == "exact":
-        return _exact(queries, index.index, k)
+        return dense_topk(queries, index.index, k)
     scores, rankings = index.index.search(queries, k)
     rankings = rankings.astype(np.int64, copy=False)
     scores = np.where(rankings >= 0, scores, -np.inf).astype(np.float32, copy=False)

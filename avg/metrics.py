@@ -48,15 +48,23 @@ def retrieval_metrics(rankings: np.ndarray, gold: np.ndarray, ks: Sequence[int] 
 
 
 def dense_rankings(query_emb: np.ndarray, corpus_emb: np.ndarray, depth: int, chunk: int = 1024) -> np.ndarray:
-    """Brute-force cosine ranking (embeddings are L2-normalised): top ``depth`` corpus rows per query.
+    """Brute-force cosine ranking (embeddings are L2-normalised): top ``depth`` corpus rows per query."""
+    return dense_topk(query_emb, corpus_emb, depth, chunk)[0]
+
+
+def dense_topk(query_emb: np.ndarray, corpus_emb: np.ndarray, depth: int,
+               chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``depth`` corpus rows per query and their inner products, best first.
 
     Chunked over queries so memory stays ``chunk × corpus`` whatever the query count.
     """
     depth = min(depth, corpus_emb.shape[0])
     out = np.empty((query_emb.shape[0], depth), dtype=np.int64)
+    scores = np.empty((query_emb.shape[0], depth), dtype=np.float32)
     for start in range(0, query_emb.shape[0], chunk):
         sims = query_emb[start:start + chunk] @ corpus_emb.T                       # [c, n]
         part = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]                # unordered top-depth
         order = np.take_along_axis(sims, part, axis=1).argsort(axis=1)[:, ::-1]
         out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
-    return out
+        scores[start:start + chunk] = np.take_along_axis(sims, out[start:start + chunk], axis=1)
+    return out, scores
