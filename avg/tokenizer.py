@@ -98,6 +98,7 @@ class TrainConfig:
     patience: int = 0
     device: str = "cpu"
     threads: int = 1
+    fit_on: str = "train"      # which images the step passes in (train | corpus); the loop only records it
 
 
 def check_params(cfg: dict) -> None:

@@ -223,7 +223,7 @@ def test_step_writes_a_self_describing_checkpoint(tmp_path, scheme):
     meta = io.read_json(tmp_path / scheme / "meta.json")
     assert meta["sacred_run_id"] == "tokenizer/7" and meta["scheme"] == scheme
     assert meta["best_epoch"] == metrics["best_epoch"] and len(meta["val_loss"]) == 4
-    assert meta["n_train_images"] == 36 and meta["n_val_images"] == 12       # train split only; val picks the epoch
+    assert meta["fit_on"] == "train" and meta["n_fit_images"] == 36 and meta["n_val_images"] == 12  # val picks the epoch
     assert meta["train_config"]["align_weight"] == (0.0 if scheme == "rq" else 1.0)
     model = tok.RQVAE.from_checkpoint(torch.load(tmp_path / scheme / "model.pt", weights_only=True))
     assert model.cfg.levels == 2 and model.cfg.codebook_size == 6
@@ -234,6 +234,30 @@ def test_step_writes_a_self_describing_checkpoint(tmp_path, scheme):
         assert last["val.total"] == pytest.approx(unaligned, rel=1e-5)
     else:
         assert last["val.total"] == pytest.approx(unaligned + last["val.align"], rel=1e-5)
+
+
+def test_corpus_fit_sees_every_image_but_only_train_captions(tmp_path):
+    from avg.steps import tokenizer as step
+
+    store = write_store(tmp_path / "features")
+    feats = featurestore.load(store)
+    x, t, has = step.fit_arrays(feats, "corpus")
+    train = feats.split("train")
+    assert len(x) == len(feats.image) == 60 and has.sum() == len(train.image) == 36
+    assert not t[~has].any()                       # val/test images enter with no caption embedding
+    np.testing.assert_array_equal(x[:36], train.image)
+    meta_dir = tmp_path / "avg"
+    step.run(Namespace(features=store, scheme="avg", out=meta_dir), tiny_cfg(epochs=2, fit_on="corpus"),
+             lambda *a: None, "tokenizer/8")
+    meta = io.read_json(meta_dir / "meta.json")
+    assert meta["fit_on"] == "corpus" and meta["n_fit_images"] == 60 and meta["n_fit_images_with_captions"] == 36
+    # the corpus fit moves the codes: a train-fitted tokenizer of the same seed encodes differently
+    step.run(Namespace(features=store, scheme="avg", out=tmp_path / "avg-train"), tiny_cfg(epochs=2),
+             lambda *a: None, "tokenizer/9")
+    load = lambda d: tok.RQVAE.from_checkpoint(torch.load(d / "model.pt", weights_only=True))
+    a = tok.encode(load(meta_dir), feats.image).recon
+    b = tok.encode(load(tmp_path / "avg-train"), feats.image).recon
+    assert not np.allclose(a, b)
 
 
 def test_step_rejects_unknown_scheme(tmp_path):

@@ -2,8 +2,10 @@
 
 ``--scheme avg`` trains the paper's semantic tokenizer (reconstruction + caption alignment +
 codebook/commitment); ``--scheme rq`` trains the same network with the alignment weight forced to 0
-(visual only, IRGen-style). Training uses train-split images and their captions only; the epoch with
-the lowest validation loss is kept. Outputs under ``--out`` (e.g. data/<ds>/tokenizer/<scheme>/):
+(visual only, IRGen-style). ``tokenizer.fit_on`` picks the images it is fitted on: ``train`` (train-split
+images) or ``corpus`` (every image of every split, as the AVG authors' ``RQ-VAE/train.py --use_pseudo``
+does: the corpus is known at indexing time). Either way the caption-alignment term only ever sees TRAIN
+captions (val/test images enter with no caption), and the epoch with the lowest validation loss is kept. Outputs under ``--out`` (e.g. data/<ds>/tokenizer/<scheme>/):
 ``model.pt`` (config + weights: rebuilds itself), ``meta.json`` (sacred run id, best epoch, losses),
 ``history.csv`` (one row per epoch: every loss term, per-level utilisation and perplexity).
 """
@@ -24,6 +26,7 @@ from avg.errors import UserError
 
 STEP = "tokenizer"
 SCHEMES = ("rq", "avg")
+FIT_ON = ("train", "corpus")
 logger = logging.getLogger(__name__)
 
 
@@ -44,12 +47,30 @@ def split_arrays(feats: featurestore.Features, split: str) -> tuple[np.ndarray, 
     return part.image, t, has
 
 
+def fit_arrays(feats: featurestore.Features, fit_on: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images the tokenizer is fitted on, their train-caption means, and which have any.
+
+    ``corpus`` appends the val and test images with ``has = False``: they shape the codes through
+    reconstruction and the codebook terms, never through a caption (design.md §6: no val/test caption
+    is learned from)."""
+    x, t, has = split_arrays(feats, "train")
+    if fit_on == "train":
+        return x, t, has
+    if fit_on != "corpus":
+        raise UserError(f"params/tokenizer.yaml: tokenizer.fit_on is {fit_on!r}; use one of {', '.join(FIT_ON)}")
+    rest = [feats.split(s).image for s in ("val", "test")]
+    extra = np.concatenate(rest) if rest else np.zeros((0, x.shape[1]), x.dtype)
+    return (np.concatenate([x, extra]), np.concatenate([t, np.zeros((len(extra), t.shape[1]), t.dtype)]),
+            np.concatenate([has, np.zeros(len(extra), bool)]))
+
+
 def run(args, cfg: dict, log, run_id: str) -> dict:
     if args.scheme not in SCHEMES:
         raise UserError(f"--scheme {args.scheme!r}: the tokenizer step trains {' or '.join(SCHEMES)} "
                         "(atomic and kmeans identifiers need no tokenizer; see params/identifiers.yaml)")
     feats = featurestore.load(args.features)
     mc, tc = tok.configs_from_params(cfg, feats.image.shape[1])
+    fit_on = tc.fit_on
     from avg.device import resolve_device
 
     tc.device = str(resolve_device(tc.device))
@@ -57,12 +78,12 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         torch.set_num_threads(tc.threads)
     if args.scheme == "rq":
         tc.align_weight = 0.0          # the only difference between the rq and avg tokenizers
-    train_x, train_t, train_has = split_arrays(feats, "train")
-    val_x, val_t, val_has = split_arrays(feats, "val")
-    if len(train_x) == 0:
+    if len(feats.split("train").image) == 0:
         raise UserError(f"{args.features} has no train-split images to train the tokenizer on")
-    logger.info("tokenizer %s: %d train / %d val images, L=%d K=%d shared=%s align=%s x %.2f", args.scheme,
-                len(train_x), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
+    train_x, train_t, train_has = fit_arrays(feats, fit_on)
+    val_x, val_t, val_has = split_arrays(feats, "val")
+    logger.info("tokenizer %s: fitted on %s (%d images, %d with train captions) / %d val images, L=%d K=%d shared=%s align=%s x %.2f",
+                args.scheme, fit_on, len(train_x), int(train_has.sum()), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
     result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log)
 
     out = Path(args.out)
@@ -72,7 +93,8 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     io.write_csv(out / "history.csv", pd.DataFrame(result.history))
     meta = {"sacred_run_id": run_id, "scheme": args.scheme, "features_run_id": feats.meta.get("sacred_run_id"),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "selection": result.metrics["selection"],
-            "n_train_images": int(len(train_x)), "n_val_images": int(len(val_x)),
+            "fit_on": fit_on, "n_fit_images": int(len(train_x)),
+            "n_fit_images_with_captions": int(train_has.sum()), "n_val_images": int(len(val_x)),
             "model_config": result.model.checkpoint()["config"], "train_config": asdict(tc),
             "val_loss": [row.get("val.total") for row in result.history],
             "best": {k: v for k, v in result.metrics.items() if k not in ("best_epoch", "epochs_run", "selection")}}
