@@ -67,9 +67,12 @@ class Retrieval:
 @torch.inference_mode()
 def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_beams: int = 10,
              batch_size: int = 64, constrained: bool = True, k: int | None = None, decoder: str = "fast",
-             cache: EncoderCache | None = None, progress: bool = False) -> Retrieval:
+             cache: EncoderCache | None = None, progress: bool = False,
+             queries: np.ndarray | None = None) -> Retrieval:
     """Top-``k`` (default ``num_beams``) identifiers per caption by beam search, constrained to ``trie``.
 
+    ``queries [n, d]``: the captions' embeddings in the feature store's space, needed by (and only
+    read by) models that read the query embedding (``ModelConfig.reads``: embedding or both).
     ``decoder``: ``fast`` (:func:`beam_search`) or ``generate`` (the ``transformers`` reference path).
     ``cache``: encoder states of these captions computed earlier (:class:`EncoderCache`, valid while the
     encoder's weights do not change); without it every caption is encoded here. ``progress``: a bar over
@@ -104,13 +107,19 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
             rows = order[start:start + batch_size]
             batch = [captions[i] for i in rows]
             b = len(batch)
+            q = queries[rows] if queries is not None and vm.reads_embedding else None
             if fast:
-                hidden, mask = cache.states(batch) if cache is not None else _encode(vm, batch)
+                hidden, mask = vm.query_states(batch, q, cache)
                 seqs, seq_scores, found = beam_search(vm, hidden, mask, trie, num_beams)
                 seqs, found = seqs.cpu().numpy(), found.cpu().numpy()
                 seq_scores = seq_scores.double().cpu().numpy()
             else:
-                enc = vm.tokenize(batch)
+                # the reference path encodes the captions through the model's own encoder (no cache, no
+                # lean encoder); a query prefix is handed to generate() as precomputed encoder outputs
+                enc = vm.tokenize(batch) if vm.reads_tokens else None
+                if vm.reads_embedding:
+                    hidden, mask = vm.query_states(batch, q) if enc is None else _prefixed(vm, enc, q)
+                    enc = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "attention_mask": mask}
                 seqs, seq_scores = _beam_search(vm, enc, processors, num_beams, length)
                 seqs = seqs.view(b, num_beams, length).cpu().numpy()
                 seq_scores = seq_scores.view(b, num_beams).double().cpu().numpy()
@@ -196,14 +205,12 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     return tokens.view(b, width, length), beam_scores, values.view(b, width)
 
 
-def _encode(vm: VokenModel, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder states for decoding: :func:`avg.lean_decoder.encode` for the small model, else the model's own."""
-    from avg.lean_decoder import encode, supports_encoder
-
-    enc = vm.tokenize(captions)
-    if supports_encoder(vm.model) and not vm.model.training:
-        return encode(vm.model, enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
-    return vm.encode_states(enc)
+def _prefixed(vm: VokenModel, enc: dict[str, torch.Tensor], queries: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query prefix + the model's own encoder states (reads=both, reference path)."""
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=vm.device)
+    p = vm.prefix(q)
+    hidden, mask = vm.encode_states(enc)
+    return torch.cat([p.to(hidden.dtype), hidden], 1), torch.cat([torch.ones(p.shape[:2], dtype=mask.dtype, device=mask.device), mask], 1)
 
 
 class _ModelSteps:
@@ -265,7 +272,7 @@ def _beam_search(vm: VokenModel, enc: dict[str, torch.Tensor], processors: Logit
         out = vm.model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=length, min_new_tokens=length,
                                 logits_processor=processors)
         seqs = out[:, 1:1 + length]
-        logits = vm.token_logits(enc, seqs)
+        logits = vm.token_logits(enc, seqs, enc.get("encoder_outputs"))
         logp = torch.log_softmax(logits.float(), -1).gather(-1, seqs[..., None]).squeeze(-1).sum(-1)
         return seqs, logp
     out = vm.model.generate(**enc, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
@@ -275,10 +282,10 @@ def _beam_search(vm: VokenModel, enc: dict[str, torch.Tensor], processors: Logit
 
 
 def evaluate_retrieval(vm: VokenModel, captions: Sequence[str], gold: np.ndarray, trie: Trie,
-                       num_beams: int = 10, batch_size: int = 64,
-                       cache: EncoderCache | None = None) -> tuple[dict[str, float], Retrieval]:
+                       num_beams: int = 10, batch_size: int = 64, cache: EncoderCache | None = None,
+                       queries: np.ndarray | None = None) -> tuple[dict[str, float], Retrieval]:
     """Recall@1/5/10 and median rank of constrained decoding (trie payload = corpus index = gold's space)."""
-    res = retrieve(vm, captions, trie, num_beams=num_beams, batch_size=batch_size, cache=cache)
+    res = retrieve(vm, captions, trie, num_beams=num_beams, batch_size=batch_size, cache=cache, queries=queries)
     ks = [k for k in (1, 5, 10) if k <= num_beams] or [1]
     out = M.retrieval_metrics(res.values, np.asarray(gold), ks=ks)
     return out, res

@@ -56,6 +56,14 @@ def save(out_dir: str | Path, feats: Features) -> None:
     io.write_json(out_dir / "meta.json", feats.meta)  # written last: its presence marks a complete store
 
 
+def load_meta(in_dir: str | Path) -> dict:
+    """The store's ``meta.json`` alone (how its embeddings were made), without loading the arrays."""
+    meta_path = Path(in_dir) / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{in_dir} holds no complete feature store (no meta.json): run the features step first")
+    return io.read_json(meta_path)
+
+
 def load(in_dir: str | Path) -> Features:
     in_dir = Path(in_dir)
     meta_path = in_dir / "meta.json"

@@ -10,8 +10,21 @@ Two backbones, one wrapper (:class:`VokenModel`) so training, decoding and searc
 * ``t5`` (paper path): ``T5ForConditionalGeneration`` from a hub id or local folder, the vokens added
   to its tokenizer and embedding matrix as new tokens ``<v_c>`` (shared) or ``<vL_c>`` (per level).
 
+What the decoder reads (``ModelConfig.reads``, GENIUS-style query conditioning, CVPR 2025):
+
+* ``tokens``: the caption encoder's states (the paper);
+* ``embedding``: only the query's embedding in the shared feature space (the features step's text
+  embedding of a caption, an image embedding for corpus-indexing examples), projected by
+  :class:`QueryPrefix` to ``prefix_tokens`` states of the encoder's width;
+* ``both``: the prefix states placed before the caption states.
+
+The decoder's cross-attention reads the concatenation like any encoder output, so both backbones, the
+fast beam search and ``generate`` need nothing else: :meth:`VokenModel.query_states` is the one place
+the decoder's input is made.
+
 A checkpoint is a ``save_pretrained`` folder (model config + weights + tokenizer) plus
-``avg_vokens.json`` (the code ↔ token mapping); :meth:`VokenModel.load` rebuilds everything from it.
+``avg_vokens.json`` (the code ↔ token mapping) and, for models that read the embedding,
+``avg_query_prefix.pt``; :meth:`VokenModel.load` rebuilds everything from it.
 """
 from __future__ import annotations
 
@@ -31,6 +44,9 @@ from transformers.modeling_outputs import BaseModelOutput
 log = logging.getLogger(__name__)
 
 VOKENS_FILE = "avg_vokens.json"
+PREFIX_FILE = "avg_query_prefix.pt"
+PREFIX_ATTR = "avg_query_prefix"      # the QueryPrefix's name inside the seq2seq model (state_dict, .to, optimiser)
+READS = ("tokens", "embedding", "both")
 # Specials of the small voken decoder; vokens start right after them.
 PAD_ID, START_ID, EOS_ID = 0, 1, 2
 N_SPECIAL = 3
@@ -57,8 +73,12 @@ class ModelConfig:
     voken_init: str = "codebook"        # codebook | random
     max_caption_tokens: int = 48
     freeze_encoder: bool = False
+    reads: str = "tokens"               # tokens | embedding | both: what the decoder attends to
+    prefix_tokens: int = 4              # states the query embedding is projected to (reads embedding/both)
+    query_dim: int = 0                  # width of the query embedding (the feature store's); set at build
 
     def __post_init__(self):
+        assert self.reads in READS, f"unknown reads {self.reads!r}: expected one of {READS}"
         assert self.backbone in ("minilm", "t5"), f"unknown backbone {self.backbone!r}"
         assert self.encoder_init in ("pretrained", "random"), self.encoder_init
         assert self.voken_init in ("codebook", "random"), self.voken_init
@@ -113,6 +133,30 @@ class VokenSpec:
         return dataclasses.asdict(self)
 
 
+class QueryPrefix(torch.nn.Module):
+    """Query embedding ``[b, d]`` → ``prefix_tokens`` states ``[b, P, H]`` in the encoder's output space.
+
+    One linear map and a LayerNorm (encoder outputs are LayerNorm'd too, so the prefix enters the
+    cross-attention at the caption states' scale). Small on purpose: with ~500 training captions a
+    deeper map only memorises them.
+    """
+
+    def __init__(self, query_dim: int, hidden: int, tokens: int):
+        super().__init__()
+        self.tokens, self.hidden = tokens, hidden
+        self.proj = torch.nn.Linear(query_dim, tokens * hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(q).view(q.shape[0], self.tokens, self.hidden))
+
+
+def encoder_width(model) -> int:
+    """Width of the states the decoder's cross-attention reads (before any encoder-to-decoder projection)."""
+    cfg = model.config
+    return int(cfg.encoder.hidden_size if hasattr(cfg, "encoder") else cfg.d_model)
+
+
 class VokenModel:
     """A seq2seq model + its caption tokenizer + the voken mapping; what training and decoding use."""
 
@@ -138,6 +182,52 @@ class VokenModel:
     def to(self, device) -> "VokenModel":
         self.model.to(device)
         return self
+
+    @property
+    def reads_tokens(self) -> bool:
+        return self.config.reads in ("tokens", "both")
+
+    @property
+    def reads_embedding(self) -> bool:
+        return self.config.reads in ("embedding", "both")
+
+    @property
+    def prefix(self) -> "QueryPrefix | None":
+        return getattr(self.model, PREFIX_ATTR, None)
+
+    def query_states(self, captions: Sequence[str], queries: np.ndarray | torch.Tensor | None = None,
+                     cache: "EncoderCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads for these queries: states ``[b, S, H]`` and mask ``[b, S]``.
+
+        ``captions``: caption text (encoded here, or taken from ``cache``); ``queries``: their embeddings
+        ``[b, d]`` in the feature store's space, required when the model reads the embedding. Inference
+        (model in eval mode) uses :func:`avg.lean_decoder.encode` for the small model's encoder.
+        """
+        parts, masks = [], []
+        if self.reads_embedding:
+            if queries is None:
+                raise ValueError(f"this model reads the query embedding (reads={self.config.reads!r}): pass queries")
+            q = torch.as_tensor(np.asarray(queries, dtype=np.float32) if not torch.is_tensor(queries) else queries,
+                                device=self.device, dtype=torch.float32)
+            p = self.prefix(q)
+            parts.append(p)
+            masks.append(torch.ones(p.shape[:2], dtype=torch.long, device=self.device))
+        if self.reads_tokens:
+            if cache is not None:
+                hidden, mask = cache.states(captions)
+            else:
+                from avg.lean_decoder import encode, supports_encoder
+
+                enc = self.tokenize(captions)
+                if supports_encoder(self.model) and not self.model.training:
+                    hidden, mask = encode(self.model, enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
+                else:
+                    hidden, mask = self.encode_states(enc)
+            parts.append(hidden)
+            masks.append(mask)
+        if len(parts) == 1:
+            return parts[0], masks[0]
+        return torch.cat([parts[0].to(parts[1].dtype), parts[1]], 1), torch.cat(masks, 1)
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(captions), padding=True, truncation=True,
@@ -183,7 +273,14 @@ class VokenModel:
     def save(self, out_dir: str | Path) -> None:
         """save_pretrained folder + tokenizer + voken mapping (the caller makes it atomic)."""
         out_dir = Path(out_dir)
-        self.model.save_pretrained(out_dir)
+        prefix = self.model._modules.pop(PREFIX_ATTR, None)   # not a transformers module: saved on its own
+        try:
+            self.model.save_pretrained(out_dir)
+        finally:
+            if prefix is not None:
+                self.model._modules[PREFIX_ATTR] = prefix
+        if prefix is not None:
+            torch.save(prefix.state_dict(), out_dir / PREFIX_FILE)
         self.tokenizer.save_pretrained(out_dir)
         (out_dir / VOKENS_FILE).write_text(json.dumps(
             {"spec": self.spec.to_dict(), "model": dataclasses.asdict(self.config)}, indent=2, sort_keys=True) + "\n")
@@ -198,6 +295,12 @@ class VokenModel:
         model = AutoModelForSeq2SeqLM.from_pretrained(ckpt_dir)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         vm = cls(model, tokenizer, VokenSpec(**meta["spec"]), ModelConfig.from_dict(meta["model"]))
+        if vm.reads_embedding:
+            if not (ckpt_dir / PREFIX_FILE).is_file():
+                raise FileNotFoundError(f"{ckpt_dir} reads the query embedding but has no {PREFIX_FILE}: "
+                                        "the checkpoint is incomplete; rerun `avg train`")
+            prefix = _attach_prefix(vm)
+            prefix.load_state_dict(torch.load(ckpt_dir / PREFIX_FILE, map_location="cpu", weights_only=True))
         model.eval()
         return vm.to(device)
 
@@ -272,6 +375,10 @@ def build_model(cfg: ModelConfig, position_sizes: Sequence[int], codebook: np.nd
             raise ValueError("voken_init='codebook' needs the identifiers' codebook (<scheme>.codebook.npy); "
                              "use voken_init='random' for schemes without one")
         _init_vokens_from_codebook(vm, np.asarray(codebook, dtype=np.float32), seed)
+    if vm.reads_embedding:
+        if cfg.query_dim <= 0:
+            raise ValueError(f"reads={cfg.reads!r} needs query_dim (the feature store's embedding width)")
+        _attach_prefix(vm)
     if cfg.freeze_encoder:
         # T5 shares one embedding matrix between encoder, decoder and head: it holds the vokens and must
         # keep learning. The rows captions use never change through it (only voken and start rows get
@@ -281,6 +388,13 @@ def build_model(cfg: ModelConfig, position_sizes: Sequence[int], codebook: np.nd
             if id(p) not in shared:
                 p.requires_grad_(False)
     return vm
+
+
+def _attach_prefix(vm: VokenModel) -> QueryPrefix:
+    """A fresh :class:`QueryPrefix` as a submodule of the seq2seq model (its state_dict, device and optimiser follow)."""
+    prefix = QueryPrefix(vm.config.query_dim, encoder_width(vm.model), vm.config.prefix_tokens).to(vm.device)
+    vm.model.add_module(PREFIX_ATTR, prefix)
+    return prefix
 
 
 def _build_minilm(cfg: ModelConfig, position_sizes: list[int]) -> VokenModel:

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", type=int, default=0,
                    help="rerank the top N candidates by the features' inner product (0 = off; the -rr methods use 10)")
     p.add_argument("--features", type=Path, default=None,
-                   help="feature store for --rerank (default <data-root>/<dataset>/features)")
+                   help="feature store for --rerank and for checkpoints that read the query embedding (default <data-root>/<dataset>/features)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -101,7 +101,10 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
                          f"length {codes.shape[1]}: pass the identifier table of the checkpoint's scheme")
     trie = token_trie(vm, codes)
     depth = max(k, rerank)
-    res = retrieve(vm, [query], trie, num_beams=max(beams, depth), batch_size=1, k=depth)
+    q = None
+    if vm.reads_embedding:   # the decoder reads the query's embedding: made as the features step made captions'
+        q = _embed(query, features, device, why=f"{checkpoint} reads the query embedding (reads={vm.config.reads!r})")
+    res = retrieve(vm, [query], trie, num_beams=max(beams, depth), batch_size=1, k=depth, queries=q)
     rows, scores = res.values[0], res.scores[0]
     extra = None
     if rerank > 0:
@@ -117,6 +120,17 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
             item["rerank_score"] = float(extra[rank - 1]) if rank - 1 < len(extra) else None
         out.append(item)
     return out
+
+
+def _embed(query: str, features: Path | None, device: str, why: str):
+    """``[1, d]`` embedding of ``query`` in the space of the feature store ``features``."""
+    from avg import featurestore
+    from avg.query_features import embed_queries
+
+    if features is None or not (Path(features) / "meta.json").exists():
+        raise UserError(f"{why}: it needs the feature store its training captions were embedded in; none at {features} "
+                        "(run `avg features`, or pass --features DIR)")
+    return embed_queries(featurestore.load_meta(features), [query], device=str(device))
 
 
 def _rerank(query: str, rows, scores, table, features: Path | None, depth: int, device: str):

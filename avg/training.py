@@ -109,12 +109,64 @@ class ValConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Query-side augmentation of training inputs for models that read the query embedding (GENIUS, CVPR 2025).
+
+    With probability ``mixup_prob`` a training query embedding q is replaced by
+    ``normalise((1 - w) q + w v)``, v its image's embedding and ``w ~ U(0, mixup_max_weight)``: inputs
+    between the caption and image sides of the shared space, so a decoder that learned from images
+    (corpus indexing) and captions meets the region between them too. ``noise``: std of Gaussian noise
+    added to every query embedding before renormalising. Neither touches caption tokens.
+    """
+    mixup_prob: float = 0.0
+    mixup_max_weight: float = 0.5
+    noise: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AugmentConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+NO_AUGMENT = AugmentConfig()
+
+
+@dataclass
 class Pairs:
-    """Captions and the identifier token rows of their images; ``gold`` = corpus index into ``trie``'s payloads."""
+    """Captions and the identifier token rows of their images; ``gold`` = corpus index into ``trie``'s payloads.
+
+    ``queries [n, d]``: each row's embedding in the feature store's space (the caption's text embedding,
+    or the image's own for corpus-indexing rows); read by models with ``reads`` embedding/both.
+    ``partners [n, d]``: the gold image's embedding, the other end of mixup (NaN rows: no mixup).
+    """
     captions: list[str]
     tokens: np.ndarray          # [n, L] target token ids
     gold: np.ndarray            # [n] corpus index of each caption's image
     trie: Trie                  # over the corpus identifiers (token ids), payload = corpus index
+    queries: np.ndarray | None = None
+    partners: np.ndarray | None = None
+
+
+def _batch_queries(vm: VokenModel, pairs: Pairs, idx: np.ndarray, augment: AugmentConfig) -> torch.Tensor | None:
+    """Query embeddings of a batch (augmented when training asks for it); None for token-only models.
+
+    Draws from torch's global generator, which :func:`_fit` reseeds every epoch: a resumed epoch
+    replays the same mixup and noise."""
+    if not vm.reads_embedding:
+        return None
+    if pairs.queries is None:
+        raise ValueError("this model reads the query embedding: the training pairs need queries")
+    q = torch.as_tensor(pairs.queries[idx], dtype=torch.float32)
+    if augment.mixup_prob > 0 and pairs.partners is not None:
+        v = torch.as_tensor(pairs.partners[idx], dtype=torch.float32)
+        w = torch.rand(len(idx)) * augment.mixup_max_weight
+        use = (torch.rand(len(idx)) < augment.mixup_prob) & ~torch.isnan(v[:, 0])
+        w = torch.where(use, w, torch.zeros_like(w))[:, None]
+        q = (1 - w) * q + w * torch.nan_to_num(v)
+    if augment.noise > 0:
+        q = q + augment.noise * torch.randn_like(q)
+    if augment.mixup_prob > 0 or augment.noise > 0:
+        q = F.normalize(q, dim=1)
+    return q.to(vm.device)
 
 
 # ====================================================================== losses
@@ -200,7 +252,8 @@ class Checkpointer:
 
 # ====================================================================== loops
 def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, val_cfg: ValConfig,
-                     log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0) -> dict:
+                     log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0,
+                     augment: AugmentConfig = NO_AUGMENT) -> dict:
     """Cross-entropy on (train caption → its image's identifier); keeps the best epoch on validation.
 
     With a frozen encoder every train caption is encoded once (:class:`~avg.model.EncoderCache`) and
@@ -212,7 +265,7 @@ def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfi
     def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
         caps = [train.captions[i] for i in idx]
         t = targets[idx].to(vm.device)
-        logits = _teacher_forced(vm, caps, t, cache)
+        logits = _teacher_forced(vm, caps, t, cache, _batch_queries(vm, train, idx, augment))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.reshape(-1),
                                label_smoothing=optim.label_smoothing)
         return {"loss": loss}
@@ -224,7 +277,8 @@ def train_generative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfi
 
 
 def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimConfig, rank: RankConfig,
-                         val_cfg: ValConfig, log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0) -> dict:
+                         val_cfg: ValConfig, log: LogFn, checkpointer: Checkpointer | None = None, seed: int = 0,
+                         augment: AugmentConfig = NO_AUGMENT) -> dict:
     """Learning-to-rank over constrained beams (negatives from ``train.trie``) + weighted cross-entropy.
 
     The initial model (epoch 0) is validated too: if no discriminative epoch beats it, it is what is kept.
@@ -236,16 +290,17 @@ def train_discriminative(vm: VokenModel, train: Pairs, val: Pairs, optim: OptimC
     def step(idx: np.ndarray) -> dict[str, torch.Tensor]:
         caps = [train.captions[i] for i in idx]
         gold = targets[idx]                                                        # [b, L]
+        q = _batch_queries(vm, train, idx, augment)      # the negatives are decoded for the query that is scored
         t_neg = time.perf_counter()
-        beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps), cache=cache)
+        beams = retrieve(vm, caps, train.trie, num_beams=rank.num_beams, batch_size=len(caps), cache=cache,
+                         queries=None if q is None else q.cpu().numpy())
         step.negatives_seconds += time.perf_counter() - t_neg
         negs = torch.as_tensor(beams.tokens)                                       # [b, n, L], -1 pads
         is_neg = torch.as_tensor(beams.values >= 0) & ~(negs == gold[:, None, :]).all(-1)
         negs = torch.where(is_neg[..., None], negs, gold[:, None, :])             # pads: harmless filler
         cands = torch.cat([gold[:, None, :], negs], dim=1).to(vm.device)           # [b, 1 + n, L]
         valid = torch.cat([torch.ones(len(caps), 1, dtype=torch.bool), is_neg], dim=1).to(vm.device)
-        scores = vm.sequence_logprobs(None if cache else vm.tokenize(caps), cands,
-                                      states=cache.states(caps) if cache else None)   # [b, 1 + n]
+        scores = vm.sequence_logprobs(None, cands, states=vm.query_states(caps, q, cache))   # [b, 1 + n]
         if rank.loss == "listwise":
             r = listwise_loss(scores, valid, rank.temperature)
         else:
@@ -272,8 +327,9 @@ def _cache_seconds(step_fn, val_cache: EncoderCache | None) -> float:
 
 
 def _cache_if_frozen(vm: VokenModel, captions: list[str]) -> EncoderCache | None:
-    """Encoder states of ``captions`` computed once when the encoder is frozen (they cannot change), else None."""
-    if not vm.config.freeze_encoder:
+    """Encoder states of ``captions`` computed once when the encoder is frozen (they cannot change), else None
+    (also None when the model does not read caption tokens at all)."""
+    if not vm.config.freeze_encoder or not vm.reads_tokens:
         return None
     t = time.perf_counter()
     cache = EncoderCache(vm, captions)
@@ -281,11 +337,13 @@ def _cache_if_frozen(vm: VokenModel, captions: list[str]) -> EncoderCache | None
     return cache
 
 
-def _teacher_forced(vm: VokenModel, caps: list[str], targets: torch.Tensor, cache: EncoderCache | None) -> torch.Tensor:
-    """Teacher-forced logits of ``targets`` for ``caps``, from cached encoder states when there are some."""
-    if cache is None:
+def _teacher_forced(vm: VokenModel, caps: list[str], targets: torch.Tensor, cache: EncoderCache | None,
+                    queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher-forced logits of ``targets`` for ``caps`` (and their query embeddings), from cached
+    encoder states when there are some."""
+    if cache is None and not vm.reads_embedding:
         return vm.token_logits(vm.tokenize(caps), targets)
-    hidden, mask = cache.states(caps)
+    hidden, mask = vm.query_states(caps, queries, cache)
     return vm.token_logits({"attention_mask": mask}, targets, BaseModelOutput(last_hidden_state=hidden))
 
 
@@ -296,7 +354,8 @@ def validate(vm: VokenModel, val: Pairs, val_cfg: ValConfig, seed: int = 0,
     if val_cfg.max_queries is not None and len(idx) > val_cfg.max_queries:
         idx = np.sort(np.random.default_rng(seed).choice(idx, val_cfg.max_queries, replace=False))
     m, _ = evaluate_retrieval(vm, [val.captions[i] for i in idx], val.gold[idx], val.trie,
-                              num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size, cache=cache)
+                              num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size, cache=cache,
+                              queries=None if val.queries is None else val.queries[idx])
     rec = [m[k] for k in ("recall@1", "recall@5", "recall@10") if k in m]
     m["recall_mean"] = float(np.mean(rec))
     return m

@@ -156,3 +156,31 @@ def test_checkpoint_names_search_their_schemes_identifiers(dataset, capsys):
                               "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["identifiers"].endswith("identifiers/avg.tsv") and out["checkpoint"].endswith("checkpoints/avg-pq-gen")
+
+
+def test_a_checkpoint_that_reads_the_embedding_gets_the_query_embedded_like_the_captions(dataset, tmp_path, capsys):
+    """reads=embedding: the decoder sees only the query's embedding, made by the store's own encoder."""
+    from avg import featurestore
+    from avg.decode import retrieve, token_trie
+    from avg.encoders.offline import OfflineEncoder
+    from avg.metrics import l2_normalise
+
+    root, table = dataset
+    img = l2_normalise(np.random.default_rng(2).standard_normal((12, 384)).astype(np.float32))
+    caps = pd.DataFrame({"caption_id": range(12), "image": table["image"], "caption": "x", "split": table["split"],
+                         "image_index": range(12)})
+    featurestore.save(tmp_path / "features", featurestore.Features(img, table[["image", "split"]], img, caps,
+                                                                   {"encoder": "offline", "alignment": {"chosen": "bridge"}}))
+    vm = build_model(ModelConfig(**TINY, reads="embedding", query_dim=384), [5, 5, 5], seed=4)
+    vm.save(tmp_path / "emb")
+    argv = ["a yellow lemon", "--k", "4", "--dataset", "toy", "--data-root", str(root), "--json",
+            "--checkpoint", str(tmp_path / "emb"), "--features", str(tmp_path / "features")]
+    assert search.main(parse(argv)) == 0
+    got = json.loads(capsys.readouterr().out)["results"]
+    codes = np.array([[int(c) for c in s.split()] for s in table["identifier"]])
+    q = l2_normalise(OfflineEncoder(progress=False).encode_texts(["a yellow lemon"]))
+    vm.model.eval()
+    want = retrieve(vm, ["a yellow lemon"], token_trie(vm, codes), num_beams=10, k=4, queries=q)
+    assert [r["image"] for r in got] == [table["image"][i] for i in want.values[0]]
+    assert search.main(parse(argv[:-1] + [str(tmp_path / "nowhere")])) == 2
+    assert "reads the query embedding" in capsys.readouterr().err

@@ -26,6 +26,7 @@ resume state.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -100,6 +101,64 @@ def with_pseudo_queries(train: tuple, train_images: list[str], table, image_code
             np.concatenate([gold, pq_gold]), all_corpus)
 
 
+def caption_vectors(feats: featurestore.Features, captions: list[str]) -> np.ndarray:
+    """``[n, d]`` embeddings of ``captions`` as the features step made them: the store's own row for a
+    caption it holds (the same deterministic encoder gives the same vector, so this is a lookup, not a
+    use of that caption's split), the rest (file pseudo-queries) embedded now with the store's encoder."""
+    row = {c: i for i, c in reversed(list(enumerate(feats.captions["caption"].astype(str))))}
+    out = np.zeros((len(captions), feats.text.shape[1]), np.float32)
+    have = np.array([c in row for c in captions], bool)
+    if have.any():
+        out[have] = feats.text[[row[c] for c, h in zip(captions, have) if h]]
+    if (~have).any():
+        from avg.query_features import embed_queries
+
+        logger.info("embedding %d pseudo-queries the feature store does not hold, with its encoder", int((~have).sum()))
+        out[~have] = embed_queries(feats.meta, [c for c, h in zip(captions, have) if not h])
+    return out
+
+
+def with_indexing(train: tuple, corpus_names: list[str], feats: featurestore.Features,
+                  image_codes: dict[str, np.ndarray]) -> tuple[tuple, list[str]]:
+    """``train`` plus one corpus-indexing row per image of the corpus (every split): empty caption, the
+    image's embedding as its query (:func:`pair_vectors`), its identifier as the target (DSI's indexing,
+    GRACE's memorisation). No caption of any split is involved. ``corpus_names`` names the rows of
+    ``train``'s corpus; images it lacks are appended. Returns the grown tuple and its corpus names."""
+    caps, targets, gold, corpus = train
+    row = {n: i for i, n in enumerate(corpus_names)}
+    names = feats.images["image"].tolist()
+    lacking = [n for n in names if n not in image_codes]
+    if lacking:
+        raise UserError(f"{len(lacking)} corpus image(s) have no identifier (e.g. {lacking[0]}): rerun `avg identifiers`")
+    new = [n for n in names if n not in row]
+    extra = np.stack([image_codes[n] for n in new]) if new else np.zeros((0, corpus.shape[1]), np.int64)
+    row.update({n: len(corpus) + i for i, n in enumerate(new)})
+    ix_gold = np.array([row[n] for n in names], dtype=np.int64)
+    all_corpus = np.concatenate([corpus, extra])
+    grown = (caps + [""] * len(names), np.concatenate([targets, all_corpus[ix_gold]]),
+             np.concatenate([gold, ix_gold]), all_corpus)
+    return grown, list(corpus_names) + new
+
+
+def pair_vectors(feats: featurestore.Features, split: str, captions: list[str], gold: np.ndarray,
+                 corpus_names: list[str], n_indexing: int) -> tuple[np.ndarray, np.ndarray]:
+    """Query embeddings and mixup partners of training/validation rows.
+
+    Rows are: the split's own captions (their store rows), then pseudo-queries (looked up or embedded),
+    then ``n_indexing`` corpus-indexing rows (query = the image's own embedding, no partner: NaN).
+    Partner = the gold image's embedding (``corpus_names[gold]``)."""
+    n_text = len(captions) - n_indexing
+    own = feats.split(split).text
+    queries = [own, caption_vectors(feats, captions[len(own):n_text])]
+    image_of = {n: i for i, n in enumerate(feats.images["image"])}
+    partners = feats.image[[image_of[corpus_names[g]] for g in gold]].astype(np.float32) if len(gold) \
+        else np.zeros((0, feats.image.shape[1]), np.float32)
+    if n_indexing:
+        queries.append(partners[n_text:].copy())
+        partners[n_text:] = np.nan
+    return np.concatenate(queries).astype(np.float32), partners
+
+
 def fingerprint(cfg: dict, args, files: list[Path]) -> str:
     """Identity of a run (config, stage and input contents): resume state is only reused for the same one."""
     h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": args.stage, "pq": bool(getattr(args, "pseudo_queries", False))},
@@ -150,8 +209,12 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         if vm.spec.position_sizes != sizes:
             raise UserError(f"{args.init_from} was trained for position_sizes {vm.spec.position_sizes}, "
                             f"but {args.identifiers} has {sizes}: use a checkpoint of the same identifier scheme")
+        if vm.config.reads != cfg["model"]["reads"]:
+            raise UserError(f"{args.init_from} reads {vm.config.reads!r} but train.model.reads is {cfg['model']['reads']!r}: "
+                            "the discriminative stage continues the generative model; train both with the same reads")
     else:
         mcfg = M.ModelConfig.from_dict(cfg["model"])
+        mcfg.query_dim = int(feats.text.shape[1]) if mcfg.reads != "tokens" else 0
         codebook = None
         if mcfg.voken_init == "codebook":
             cb_path = Path(args.codebook) if args.codebook else Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
@@ -180,14 +243,29 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         logger.info("pseudo-queries (%s): %d for %d images %s", pq_info["source"], pq_info["n_queries"],
                     pq_info["n_images"], pq_info["queries_per_split"])
 
+    indexing = bool(cfg["indexing"])
+    augment = T.AugmentConfig.from_dict(cfg["augment"])
+    if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
+        raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
+                        f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
+
     def pairs(split: str) -> T.Pairs:
         part = split_pairs(feats, image_codes, split)
         if not part[0]:
             raise UserError(f"split {split!r} has no captions: training needs train and val captions")
+        names = feats.split(split).images["image"].tolist()
+        n_indexing = 0
         if split == "train" and pq_table is not None:
-            part = with_pseudo_queries(part, feats.split("train").images["image"].tolist(), pq_table, image_codes)
+            part = with_pseudo_queries(part, names, pq_table, image_codes)
+            names = names + [n for n in dict.fromkeys(pq_table["image"]) if n not in set(names)]
+        if split == "train" and indexing:
+            part, names = with_indexing(part, names, feats, image_codes)
+            n_indexing = len(feats.images)
         caps, targets, gold, corpus = part
-        return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus))
+        queries = partners = None
+        if vm.reads_embedding:
+            queries, partners = pair_vectors(feats, split, caps, gold, names, n_indexing)
+        return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus), queries, partners)
 
     train, val = pairs("train"), pairs("val")
     logger.info("train: %d captions over %d images; val: %d captions over %d images; %s",
@@ -202,10 +280,10 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     val_cfg = T.ValConfig.from_dict(cfg["validation"])
     d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}
     if args.stage == "generative":
-        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(d), val_cfg, log, ckpt, cfg["seed"])
+        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(d), val_cfg, log, ckpt, cfg["seed"], augment)
     else:
         result = T.train_discriminative(vm, train, val, T.OptimConfig.from_dict(d), T.RankConfig.from_dict(d),
-                                        val_cfg, log, ckpt, cfg["seed"])
+                                        val_cfg, log, ckpt, cfg["seed"], augment)
 
     meta = {**result, "sacred_run_id": run_id, "identifiers": str(args.identifiers),
             "scheme": id_stats.get("scheme"), "identifiers_run_id": id_stats.get("sacred_run_id"),
@@ -213,7 +291,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),
             "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
             "validation_corpus": "val images (trie over their identifiers); val captions as queries",
-            "pseudo_queries": pq_info}
+            "pseudo_queries": pq_info, "reads": vm.config.reads,
+            "indexing": {"images": int(len(feats.images)), "splits": sorted(set(feats.images["split"]))} if indexing else None,
+            "augment": dataclasses.asdict(augment) if vm.reads_embedding else None}
     if rank == 0:   # the other ranks hold the same weights; one writer
         with io.atomic_path(out) as tmp:
             vm.save(tmp)
