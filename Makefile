@@ -31,6 +31,6 @@ test: install
 bench: install
 	python bench/bench_decoding.py
 
-# dvc.yaml is rendered from params/ (one stage per step and scheme).
-dvc.yaml: params/identifiers.yaml workflow/dvc_stages.py
+# dvc.yaml is rendered from params/ (one stage per step, scheme and method recipe).
+dvc.yaml: params/methods.yaml params/train.yaml workflow/dvc_stages.py
 	python workflow/dvc_stages.py

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     mod = args._module
     try:
         cfg = _load_cfg(args, mod.STEP)
-    except params_mod.ParamsError as exc:
+        if hasattr(mod, "resolve_params"):   # e.g. train: a method recipe's overrides over the slice
+            cfg = mod.resolve_params(args, cfg)
+    except UserError as exc:
         print(f"avg {args.command}: {exc}", file=sys.stderr)
         return 2
     from avg import threads, tracking

@@ -35,19 +35,15 @@ def _bad(key: str, problem: str) -> ParamsError:
     return ParamsError(f"{PARAMS_FILE}: identifiers.{key} {problem}")
 
 
-def check_scheme(scheme: str, source: str | None = None) -> None:
-    """``source`` names where the value came from when it is not the params file (e.g. ``--scheme``)."""
+def check_scheme(scheme: str, source: str = "--scheme") -> None:
+    """``source`` names where the value came from (e.g. ``--scheme``)."""
     if scheme in SCHEMES:
         return
-    if source is None:
-        raise _bad("schemes", f"names an unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
     raise ParamsError(f"{source}: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)}; "
-                      f"{PARAMS_FILE}: identifiers.schemes lists the ones the DAG builds)")
+                      "the recipes of params/methods.yaml name the ones the DAG builds)")
 
 
 def check_params(cfg: dict) -> None:
-    for s in cfg.get("schemes", []):
-        check_scheme(s)
     if cfg.get("collision_resolution", "append") not in RESOLUTIONS:
         raise _bad("collision_resolution", f"must be one of {', '.join(RESOLUTIONS)} (got {cfg.get('collision_resolution')!r})")
     for scheme, size_key in (("atomic", "codebook_size"), ("kmeans", "branching")):

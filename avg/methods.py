@@ -1,60 +1,197 @@
-"""Names of the evaluated methods, shared by both front doors (Snakefile and workflow/dvc_stages.py).
+"""The evaluated methods as recipes (``params/methods.yaml``), read by both front doors and the steps.
 
-A method is a checkpoint name: ``<scheme>`` (generative + discriminative stages), ``<scheme>-gen``
-(generative stage only), and, for the schemes in ``train.pseudo_queries.schemes``, the same two trained
-with pseudo-queries: ``<scheme>-pq``, ``<scheme>-pq-gen``. ``dense`` is the two-tower baseline.
-``<method>-rr`` is a generative method's candidates reranked (``evaluate.rerank.methods``, avg.rerank).
+A recipe says how one row of the report is made, in one place:
+
+* ``dense``: the two-tower baseline (the inner product of the features step's embeddings);
+* ``generative``: a model trained from scratch with cross-entropy, on an identifier ``scheme``, with
+  ``pseudo_queries`` or not and ``train`` overrides of params/train.yaml (dotted keys: what the model
+  reads, corpus indexing, mixup, ...); its checkpoint is ``checkpoints/<name>``;
+* ``discriminative``: the learning-to-rank stage continuing the generative recipe ``from`` (its scheme,
+  data and overrides, plus its own ``train`` overrides);
+* ``rerank``: the top beams of the trained recipe ``from`` reordered by the dense score;
+* ``fusion``: the same beams ranked by log-probability + beta * dense score, beta chosen on validation.
+
+``methods.evaluate`` lists the recipes the DAG builds and reports, in report order; the recipes they
+stand on come with them. Snakemake (workflow/Snakefile) and workflow/dvc_stages.py derive their rules
+and stages from :func:`load`; the train step applies :func:`train_config` itself when given a recipe, so
+both front doors train a recipe from the same merged params.
 """
 from __future__ import annotations
 
-import re
+import copy
+from dataclasses import dataclass, field
 
 from avg.params import ParamsError
 
-METHOD = re.compile(r"^(?P<scheme>[a-z0-9]+)(?P<pq>-pq)?(?P<gen>-gen)?(?P<rr>-rr)?$")
+FILE = "params/methods.yaml"
+KINDS = ("dense", "generative", "discriminative", "rerank", "fusion")
+TRAINED = ("generative", "discriminative")
+SCHEMES = ("atomic", "kmeans", "rq", "avg")      # avg.identifiers.SCHEMES, in report order
 
 
-def pseudo_query_schemes(config: dict) -> list[str]:
-    """``train.pseudo_queries.schemes``, each of which must be built (listed in ``identifiers.schemes``)."""
-    schemes = list(config["identifiers"]["schemes"])
-    pq = list(config["train"]["pseudo_queries"]["schemes"])
-    unknown = [s for s in pq if s not in schemes]
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str
+    scheme: str | None = None            # identifier scheme (every kind but dense; inherited through `from`)
+    source: str | None = None            # the recipe this one continues (discriminative) or re-ranks (rerank, fusion)
+    pseudo_queries: bool = False         # trained on pseudo-queries (inherited through `from`)
+    train: dict = field(default_factory=dict)   # dotted train overrides, inherited ones first
+    about: str = ""
+
+    @property
+    def trained(self) -> bool:
+        return self.kind in TRAINED
+
+    @property
+    def uses_dense_score(self) -> bool:
+        """Whether the ranking itself reads the dense score (design.md §6 labels such rows)."""
+        return self.kind in ("dense", "rerank", "fusion")
+
+    @property
+    def checkpoint_recipe(self) -> str | None:
+        """The trained recipe whose checkpoint this method decodes with (itself, or its source for rerank/fusion)."""
+        return self.name if self.trained else self.source
+
+
+@dataclass(frozen=True)
+class Methods:
+    recipes: dict[str, Recipe]           # every declared recipe
+    evaluated: list[str]                 # what the DAG builds and reports, sources first
+
+    def __getitem__(self, name: str) -> Recipe:
+        return self.recipes[name]
+
+    def of_kind(self, *kinds: str) -> list[str]:
+        return [n for n in self.evaluated if self.recipes[n].kind in kinds]
+
+    @property
+    def schemes(self) -> list[str]:
+        """Identifier schemes the evaluated recipes need, in :data:`SCHEMES` order."""
+        used = {self.recipes[n].scheme for n in self.evaluated}
+        return [s for s in SCHEMES if s in used]
+
+
+def _bad(problem: str) -> ParamsError:
+    return ParamsError(f"{FILE}: {problem}")
+
+
+def load(config: dict) -> Methods:
+    """Validated recipes of ``config["methods"]`` (inheritance through ``from`` resolved)."""
+    if "methods" not in config:
+        raise _bad("missing: the evaluated methods are declared there (methods.recipes, methods.evaluate)")
+    declared = config["methods"]["recipes"]
+    resolved: dict[str, Recipe] = {}
+
+    def resolve(name: str, trail: tuple[str, ...] = ()) -> Recipe:
+        if name in resolved:
+            return resolved[name]
+        if name in trail:
+            raise _bad(f"methods.recipes.{name}: `from` goes round in a circle ({' -> '.join(trail + (name,))})")
+        spec = declared[name]
+        kind = spec["kind"]
+        if kind == "dense":
+            if name != "dense":
+                raise _bad(f"methods.recipes.{name}: the dense baseline must be named `dense` (its eval files are dense.*)")
+            r = Recipe(name, kind, about=spec.get("about", ""))
+        elif kind == "generative":
+            if "scheme" not in spec:
+                raise _bad(f"methods.recipes.{name}: a generative recipe names its identifier `scheme` ({', '.join(SCHEMES)})")
+            if "from" in spec:
+                raise _bad(f"methods.recipes.{name}: a generative recipe trains from scratch; drop `from` "
+                           "(or make it kind: discriminative)")
+            r = Recipe(name, kind, spec["scheme"], None, bool(spec.get("pseudo_queries", False)),
+                       dict(spec.get("train", {})), spec.get("about", ""))
+        else:
+            src = spec.get("from")
+            if src not in declared:
+                raise _bad(f"methods.recipes.{name}: kind {kind} needs `from`, the name of a declared recipe (got {src!r})")
+            if "scheme" in spec or "pseudo_queries" in spec:
+                raise _bad(f"methods.recipes.{name}: scheme and pseudo_queries come from `from` ({src}); drop them here")
+            base = resolve(src, trail + (name,))
+            want = ("generative",) if kind == "discriminative" else TRAINED
+            if base.kind not in want:
+                raise _bad(f"methods.recipes.{name}: kind {kind} continues a {' or '.join(want)} recipe, but {src} is {base.kind}")
+            if kind != "discriminative" and spec.get("train"):
+                raise _bad(f"methods.recipes.{name}: a {kind} recipe trains nothing; drop its `train` overrides")
+            r = Recipe(name, kind, base.scheme, src, base.pseudo_queries, {**base.train, **spec.get("train", {})},
+                       spec.get("about", ""))
+        resolved[name] = r
+        return r
+
+    for name in declared:
+        resolve(name)
+    wanted = list(config["methods"]["evaluate"])
+    unknown = [n for n in wanted if n not in declared]
     if unknown:
-        raise ParamsError(f"params/train.yaml: train.pseudo_queries.schemes names {unknown}, which "
-                          f"params/identifiers.yaml identifiers.schemes ({schemes}) does not build: add them there or drop them here")
-    return pq
+        raise _bad(f"methods.evaluate names {unknown}, which methods.recipes does not declare "
+                   f"(declared: {', '.join(declared)})")
+    evaluated: list[str] = []
+
+    def add(name: str) -> None:
+        if name in evaluated:
+            return
+        if resolved[name].source:
+            add(resolved[name].source)
+        evaluated.append(name)
+
+    for name in wanted:
+        add(name)
+    for name in evaluated:            # every trained recipe's overrides must be params/train.yaml keys
+        if resolved[name].trained and "train" in config:
+            train_config(config, resolved[name])
+    return Methods(resolved, evaluated)
 
 
-def rerank_methods(config: dict, generative: list[str]) -> list[str]:
-    """``evaluate.rerank.methods``, each of which must be a generative method the DAG evaluates."""
-    wanted = list(config["evaluate"]["rerank"]["methods"])
-    unknown = [m for m in wanted if m not in generative]
-    if unknown:
-        raise ParamsError(f"params/evaluate.yaml: evaluate.rerank.methods names {unknown}, which the DAG does not "
-                          f"evaluate (generative methods: {', '.join(generative)}); fix the list, or the schemes in "
-                          "params/identifiers.yaml / train.pseudo_queries.schemes in params/train.yaml")
-    return wanted
+def set_dotted(cfg: dict, dotted: str, value, where: str) -> None:
+    *path, last = dotted.split(".")
+    node = cfg
+    for p in path:
+        if not isinstance(node.get(p), dict):
+            raise _bad(f"{where}: {dotted!r} is not a key of params/train.yaml's train slice")
+        node = node[p]
+    if last not in node:
+        raise _bad(f"{where}: {dotted!r} is not a key of params/train.yaml's train slice")
+    node[last] = value
 
 
-def method_names(schemes: list[str], pq_schemes: list[str], reranked: list[str] = ()) -> list[str]:
-    """dense, then per scheme <s>-gen and <s>, then per pseudo-query scheme <s>-pq-gen and <s>-pq, then <m>-rr."""
-    return (["dense"] + [m for s in schemes for m in (f"{s}-gen", s)]
-            + [m for s in pq_schemes for m in (f"{s}-pq-gen", f"{s}-pq")] + [f"{m}-rr" for m in reranked])
+def train_config(config: dict, recipe: Recipe | str) -> dict:
+    """params/train.yaml's slice as ``recipe`` trains with it: its overrides applied, and
+    ``pseudo_queries`` kept only when the recipe uses them (so that slice reruns only the -pq recipes)."""
+    if isinstance(recipe, str):
+        recipe = load(config)[recipe]
+    if not recipe.trained:
+        raise _bad(f"methods.recipes.{recipe.name} is kind {recipe.kind}: nothing to train")
+    cfg = copy.deepcopy(config["train"])
+    for k, v in recipe.train.items():
+        set_dotted(cfg, k, v, f"methods.recipes.{recipe.name}.train")
+    if not recipe.pseudo_queries:
+        cfg.pop("pseudo_queries", None)
+    from avg import params
+
+    params.validate("train", cfg, f"{FILE} (methods.recipes.{recipe.name}.train over params/train.yaml)")
+    return cfg
 
 
-def all_methods(config: dict) -> list[str]:
-    """Every method the DAG evaluates under ``config`` (validated, as both front doors use it)."""
-    schemes, pq = list(config["identifiers"]["schemes"]), pseudo_query_schemes(config)
-    return method_names(schemes, pq, rerank_methods(config, method_names(schemes, pq)[1:]))
+def learned_from(recipe: Recipe) -> str:
+    """What a trained recipe learned from, for tables (design.md §6)."""
+    parts = ["train captions"]
+    if recipe.train.get("indexing"):
+        parts.append("corpus images (indexing)")
+    if recipe.pseudo_queries:
+        parts.append("pseudo-queries")
+    return " + ".join(parts)
 
 
-def parse(method: str) -> tuple[str, bool, bool]:
-    """``(scheme, pseudo_queries, generative_only)`` of a method name, e.g. avg-pq-gen -> (avg, True, True)."""
-    m = METHOD.match(method)
-    if m is None:
-        raise ValueError(f"{method!r} is not a method name (<scheme>[-pq][-gen][-rr])")
-    return m["scheme"], bool(m["pq"]), bool(m["gen"])
+def chain_names(methods: Methods, name: str) -> list[str]:
+    """``name`` and the recipes it continues, the generative one first: what its training depends on."""
+    out = [name]
+    while methods[out[-1]].source is not None:
+        out.append(methods[out[-1]].source)
+    return out[::-1]
 
 
-def is_reranked(method: str) -> bool:
-    return method.endswith("-rr")
+def chain(config: dict, name: str) -> dict:
+    """A methods slice holding just ``name``'s chain (what the Snakemake rule hands the train step)."""
+    m = load(config)
+    return {"evaluate": [name], "recipes": {n: config["methods"]["recipes"][n] for n in chain_names(m, name)}}

@@ -63,6 +63,9 @@ class MethodResult:
     runs: list[str] = field(default_factory=list)   # Sacred run ids behind the row, evaluate run first
     rankings: pd.DataFrame | None = None            # <method>.rankings.tsv (caption_id, caption, gold, ranked)
     notes: list[str] = field(default_factory=list)
+    learned_from: str = MISSING                     # e.g. "train captions + corpus images (indexing)" (design.md §6)
+    ranking: str = MISSING                          # how the row ranks, and whether a dense score is in it
+    uses_dense_score: bool = False
 
 
 @dataclass
@@ -179,7 +182,8 @@ def recall_ks(methods: Iterable[MethodResult]) -> list[int]:
 
 
 def main_columns(ks: list[int]) -> list[Column]:
-    cols = [Column("method", "Method", text=True), Column("scheme", "Identifier scheme", text=True)]
+    cols = [Column("method", "Method", text=True), Column("scheme", "Identifier scheme", text=True),
+            Column("learned_from", "Learned from", text=True), Column("ranking", "Ranking (dense score?)", text=True)]
     cols += [Column(f"recall@{k}", f"R@{k} (%)", "max") for k in ks]
     cols += [Column("median_rank", "Median rank", "min"),
              Column("latency_ms", "Latency (ms/query)", "min"),
@@ -200,7 +204,9 @@ def method_cells(r: MethodResult, ks: list[int]) -> dict[str, Cell]:
     m, ident = r.metrics, r.identifier or {}
     src, isrc = r.source, f"identifiers/{r.scheme}.json" if r.scheme else ""
     cells = {"method": Cell(r.name, r.name, source=src),
-             "scheme": Cell(r.scheme, r.scheme or MISSING, source=src)}
+             "scheme": Cell(r.scheme, r.scheme or MISSING, source=src),
+             "learned_from": Cell(r.learned_from, r.learned_from, source=src),
+             "ranking": Cell(r.uses_dense_score, r.ranking, source=src)}
     for k in ks:
         cells[f"recall@{k}"] = Cell(m.get(f"recall@{k}"), fmt_percent(m.get(f"recall@{k}")), source=src)
     for key in ("median_rank", "latency_ms", "qps", "n_queries", "n_corpus"):
@@ -666,6 +672,8 @@ def summary_metrics(data: ReportData) -> dict:
             vals["train_seconds"] = r.train_seconds
         vals["uses_test_captions"] = r.leakage.uses_test_captions
         vals["pseudo_queries"] = bool(r.leakage.pseudo_queries)
+        vals["learned_from"] = r.learned_from
+        vals["uses_dense_score"] = r.uses_dense_score
         out[r.name] = vals
     return out
 

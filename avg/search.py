@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="how many images to return (default 5)")
     p.add_argument("--dataset", default="tuxpaint", help="dataset whose default paths to use (default tuxpaint)")
     p.add_argument("--data-root", type=Path, default=Path("data"), help="root of the data folders (default data)")
-    p.add_argument("--scheme", default="avg", help="checkpoint name for the default paths, e.g. avg, avg-gen, avg-pq "
-                   "(its scheme's identifier table is used; default avg)")
+    p.add_argument("--scheme", default="avg", help="recipe (checkpoint) name for the default paths, e.g. avg, avg-gen, avg-ix-pq "
+                   "(the identifier table of the scheme its train.json names is used; default avg)")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default <data-root>/<dataset>/checkpoints/<scheme>)")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table (default <data-root>/<dataset>/identifiers/<scheme>.tsv)")
     p.add_argument("--images-root", type=Path, default=None, help="folder the table's image paths are relative to (default <data-root>/<dataset>/raw)")
@@ -65,14 +65,17 @@ def check_query(query, max_chars: int = MAX_CHARS) -> str:
 
 
 def _paths(args) -> tuple[Path, Path, Path]:
-    from avg.methods import parse
-
     base = Path(args.data_root) / args.dataset
-    try:                      # a checkpoint name such as avg-pq or kmeans-gen searches its scheme's identifiers
-        scheme = parse(args.scheme)[0]
-    except ValueError:
-        scheme = args.scheme
-    return (args.checkpoint or base / "checkpoints" / args.scheme,
+    checkpoint = args.checkpoint or base / "checkpoints" / args.scheme
+    # a recipe's checkpoint (avg-pq, kmeans-gen, ...) searches its scheme's identifiers: train.json says which
+    scheme = args.scheme
+    record = Path(checkpoint) / "train.json"
+    if record.is_file():
+        try:
+            scheme = json.loads(record.read_text()).get("scheme") or scheme
+        except (json.JSONDecodeError, OSError):
+            pass
+    return (checkpoint,
             args.identifiers or base / "identifiers" / f"{scheme}.tsv",
             args.images_root or base / "raw")
 

@@ -31,21 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avg import io, params  # noqa: E402
-from avg.methods import is_reranked, parse  # noqa: E402
+from avg import methods as recipes  # noqa: E402
 
-DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-pq-gen", "avg-pq", "avg-rr", "avg-pq-rr"]
+DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-pq-gen", "avg-pq", "avg-rr", "avg-pq-rr",
+                   "avg-ix-pq-gen", "avg-ix-pq", "avg-ix-pq-fu"]
 KS = ("recall@1", "recall@5", "recall@10")
 
 
+def check_methods(methods: list[str]) -> None:
+    """Every name must be a recipe of params/methods.yaml (checked before any pipeline runs)."""
+    declared = params.load_file(ROOT / "params" / "methods.yaml", "methods")["recipes"]
+    unknown = [m for m in methods if m not in declared]
+    if unknown:
+        raise ValueError(f"{unknown} are not recipes of params/methods.yaml (declared: {', '.join(declared)})")
+
+
 def overrides(methods: list[str], name: str, seed: int) -> dict:
-    """Config for one extra split: its own dataset folder, and only the schemes / -pq / -rr the methods need."""
-    gen = [m for m in methods if m != "dense"]
-    schemes = sorted({parse(m)[0] for m in gen})
-    pq = sorted({parse(m)[0] for m in gen if parse(m)[1]})
+    """Config for one extra split: its own dataset folder, and exactly these recipes (and what they stand on)."""
+    check_methods(methods)
     return {"data": {"name": f"{name}-split{seed}", "split": {"seed": seed}},
-            "identifiers": {"schemes": schemes},
-            "train": {"pseudo_queries": {"schemes": pq}},
-            "evaluate": {"rerank": {"methods": [m[:-3] for m in gen if is_reranked(m)]}}}
+            "methods": {"evaluate": list(methods)}}
 
 
 def snakemake_args(methods: list[str], data_dir: str, configfile: Path | None) -> list[str]:
@@ -110,9 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     if "dense" not in args.methods:
         args.methods = ["dense"] + args.methods  # the ratio needs the same split's dense baseline
-    for m in args.methods:
-        if m != "dense":
-            parse(m)  # a bad name fails here, before any pipeline runs
+    check_methods(args.methods)  # a bad name fails here, before any pipeline runs
 
     data_cfg = params.load_file(ROOT / "params" / "data.yaml", "data")
     name, own_seed = data_cfg["name"], data_cfg["split"]["seed"]

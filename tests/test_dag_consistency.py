@@ -62,7 +62,7 @@ def normalise_cmd(cmd: str) -> list[str]:
         if skip:
             skip = False
             continue
-        if t in ("--params", "--params-json"):
+        if t in ("--params", "--params-json", "--methods", "--methods-json"):
             skip = True
             continue
         out.append(t)
@@ -88,8 +88,11 @@ def test_snakemake_and_dvc_agree(tmp_path, dataset):
         assert job["input"] == data_deps, name
         assert all(not d.startswith("data/") or d in job["input"] for d in st["deps"])
         assert normalise_cmd(job["cmd"]) == normalise_cmd(st["cmd"]), name
-        step_params = [d for d in st["deps"] if d.startswith("params/")]
-        assert len(step_params) == 1, f"{name}: one params file per stage"
+        step_params = sorted(d for d in st["deps"] if d.startswith("params/"))
+        own = [d for d in step_params if d != "params/methods.yaml"]
+        assert len(own) == 1, f"{name}: one step params file per stage"
+        # a training stage also tracks its recipe in params/methods.yaml, and no other stage does
+        assert ("params/methods.yaml" in step_params) == name.startswith("train_"), name
 
 
 def test_committed_dvc_yaml_is_current():
@@ -98,7 +101,7 @@ def test_committed_dvc_yaml_is_current():
     assert out.returncode == 0, out.stderr
 
 
-def test_render_follows_the_scheme_list(tmp_path):
+def test_render_follows_the_recipes(tmp_path):
     import yaml
 
     sys.path.insert(0, str(REPO / "workflow"))
@@ -106,39 +109,46 @@ def test_render_follows_the_scheme_list(tmp_path):
 
     from avg.params import ParamsError
 
-    (tmp_path / "params").mkdir()
-    doc = yaml.safe_load((REPO / "params" / "identifiers.yaml").read_text())
-    doc["identifiers"]["schemes"] = ["kmeans", "avg"]
-    (tmp_path / "params" / "identifiers.yaml").write_text(yaml.safe_dump(doc))
-    train = yaml.safe_load((REPO / "params" / "train.yaml").read_text())
-    train["train"]["pseudo_queries"]["schemes"] = ["kmeans"]
-    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
-    evaluate = yaml.safe_load((REPO / "params" / "evaluate.yaml").read_text())
-    evaluate["evaluate"]["rerank"]["methods"] = ["avg"]
-    (tmp_path / "params" / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    doc = yaml.safe_load((REPO / "params" / "methods.yaml").read_text())
+    doc["methods"]["recipes"].update({
+        "kmeans-pq-gen": {"kind": "generative", "scheme": "kmeans", "pseudo_queries": True},
+        "kmeans-pq": {"kind": "discriminative", "from": "kmeans-pq-gen", "train": {"discriminative.lr": 0.0002}}})
+    doc["methods"]["evaluate"] = ["dense", "kmeans-gen", "kmeans-pq", "avg-rr", "avg-ix-pq-fu"]
+    (tmp_path / "params" / "methods.yaml").write_text(yaml.safe_dump(doc))
     stages = dvc_stages.render(tmp_path / "params")["stages"]
     assert "tokenizer_avg" in stages and "tokenizer_rq" not in stages and "identifiers_atomic" not in stages
     assert "data/${data.name}/tokenizer/avg" in stages["identifiers_avg"]["deps"]
     assert not any("tokenizer" in d for d in stages["identifiers_kmeans"]["deps"] if d.startswith("data/"))
-    # the pseudo-query variant exists for kmeans only, trains with the flag and evaluates on kmeans' identifiers
-    assert "--pseudo-queries" in stages["train_generative_kmeans-pq"]["cmd"]
-    assert "--pseudo-queries" in stages["train_discriminative_kmeans-pq"]["cmd"]
-    assert "--pseudo-queries" not in stages["train_generative_kmeans"]["cmd"] and "train_generative_avg-pq" not in stages
-    assert "data/${data.name}/identifiers/kmeans.tsv" in stages["evaluate_kmeans-pq-gen"]["deps"]
-    assert "data/${data.name}/eval/kmeans-pq.json" in stages["report"]["deps"]
+    # a recipe's training: its own command line, and params that are its chain only
+    pq = stages["train_discriminative_kmeans-pq"]
+    assert "--recipe kmeans-pq" in pq["cmd"] and "--init-from data/${data.name}/checkpoints/kmeans-pq-gen" in pq["cmd"]
+    assert {"params/methods.yaml": ["methods.recipes.kmeans-pq-gen", "methods.recipes.kmeans-pq"]} in pq["params"]
+    assert any("train" in p.get("params/train.yaml", []) for p in stages["train_generative_kmeans-pq-gen"]["params"])
+    assert not any("train.pseudo_queries" in p.get("params/train.yaml", []) for p in stages["train_generative_kmeans-gen"]["params"])
+    assert "train_generative_avg-pq-gen" not in stages and "train_generative_rq-gen" not in stages
+    assert "evaluate_kmeans-pq-gen" in stages          # what a listed recipe continues is evaluated and reported too
+    # rerank and fusion read their source's rankings; the fusion also its checkpoint (beta is chosen on val)
     assert "data/${data.name}/eval/avg.rankings.tsv" in stages["evaluate_avg-rr"]["deps"]
     assert "--rerank data/${data.name}/eval/avg.json" in stages["evaluate_avg-rr"]["cmd"]
-    assert "evaluate_avg-pq-rr" not in stages and "evaluate_kmeans-rr" not in stages
-    train["train"]["pseudo_queries"]["schemes"] = ["rq"]      # not built: a clear error, not a broken DAG
-    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
-    with pytest.raises(ParamsError, match="train.pseudo_queries.schemes.*identifiers.schemes"):
-        dvc_stages.render(tmp_path / "params")
-    train["train"]["pseudo_queries"]["schemes"] = []
-    (tmp_path / "params" / "train.yaml").write_text(yaml.safe_dump(train))
-    evaluate["evaluate"]["rerank"]["methods"] = ["avg-pq"]    # no longer built: named, with the fix
-    (tmp_path / "params" / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
-    with pytest.raises(ParamsError, match="evaluate.rerank.methods.*avg-pq"):
-        dvc_stages.render(tmp_path / "params")
+    fu = stages["evaluate_avg-ix-pq-fu"]
+    assert "--fusion data/${data.name}/eval/avg-ix-pq.json" in fu["cmd"] and "data/${data.name}/checkpoints/avg-ix-pq" in fu["deps"]
+    assert "data/${data.name}/eval/avg-ix-pq-fu.json" in stages["report"]["deps"]
+    # bad recipes: a clear error naming the file and the fix, not a broken DAG
+    for change, message in (({"evaluate": ["dense", "avg-xx"]}, "methods.evaluate names.*avg-xx"),
+                            ({"recipes": {**doc["methods"]["recipes"], "avg-rr": {"kind": "rerank", "from": "nope"}}},
+                             "avg-rr: kind rerank needs `from`"),
+                            ({"recipes": {**doc["methods"]["recipes"], "avg": {"kind": "discriminative", "from": "dense"}}},
+                             "continues a generative recipe, but dense is dense"),
+                            ({"recipes": {**doc["methods"]["recipes"], "avg": {"kind": "discriminative", "from": "avg-rr"}}},
+                             "goes round in a circle"),
+                            ({"recipes": {**doc["methods"]["recipes"], "avg-gen": {"kind": "generative", "scheme": "avg",
+                                                                                   "train": {"model.readz": "both"}}}},
+                             "model.readz.*not a key")):
+        bad = {"methods": {**doc["methods"], **change}}
+        (tmp_path / "params" / "methods.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ParamsError, match=message):
+            dvc_stages.render(tmp_path / "params")
 
 
 def test_fresh_clone_with_committed_report_still_builds_everything(tmp_path):

@@ -96,9 +96,13 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
 
     before = {step: n_runs(step) for step in ("download", "features", "tokenizer", "identifiers", "train", "evaluate")}
     n_evals = len(list((d / "eval").glob("*.json")))
-    # dense + (gen, gen+disc) x 4 schemes + (gen, gen+disc) with pseudo-queries for avg (train.pseudo_queries.schemes)
-    # + avg and avg-pq reranked (evaluate.rerank.methods)
-    assert n_evals == 1 + 2 * 4 + 2 + 2 and before["train"] == 2 * 4 + 2
+    # the recipes of params/methods.yaml: dense + (gen, gen+disc) x 4 schemes + avg-pq(-gen) + avg-ix-pq(-gen)
+    # + avg and avg-pq reranked + avg-ix-pq fused
+    assert n_evals == 1 + 2 * 4 + 2 + 2 + 2 + 1 and before["train"] == 2 * 4 + 2 + 2
+    ix = json.loads((d / "checkpoints" / "avg-ix-pq" / "train.json").read_text())
+    assert ix["recipe"] == "avg-ix-pq" and ix["reads"] == "both" and ix["indexing"]["images"] == 30
+    fu = json.loads((d / "eval" / "avg-ix-pq-fu.json").read_text())["fusion"]
+    assert fu["from"] == "avg-ix-pq" and fu["chosen_on"] == "val"
     rr = json.loads((d / "eval" / "avg-rr.json").read_text())
     assert rr["rerank"]["from"] == "avg" and rr["recall@10"] == json.loads((d / "eval" / "avg.json").read_text())["recall@10"]
     pq = json.loads((d / "checkpoints" / "avg-pq" / "train.json").read_text())["pseudo_queries"]
@@ -119,9 +123,23 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
 
     set_param(p / "train.yaml", "train.pseudo_queries.per_image", 3)
     touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
-    assert touched == {"avg-pq-gen", "avg-pq"}, touched
-    assert dvc_changed(work) == {"train_generative_avg-pq", "train_discriminative_avg-pq"}
+    assert touched == {"avg-pq-gen", "avg-pq", "avg-ix-pq-gen", "avg-ix-pq"}, touched
+    assert dvc_changed(work) == {"train_generative_avg-pq-gen", "train_discriminative_avg-pq",
+                                 "train_generative_avg-ix-pq-gen", "train_discriminative_avg-ix-pq"}
     set_param(p / "train.yaml", "train.pseudo_queries.per_image", 5)
+    # a recipe's own overrides rerun that recipe's chain only, in both front doors
+    set_param(p / "methods.yaml", "methods.recipes.avg-ix-pq-gen.train", {"model.reads": "both", "indexing": True,
+                                                                         "augment.mixup_prob": 0.25})
+    touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
+    assert touched == {"avg-ix-pq-gen", "avg-ix-pq"}, touched
+    assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen", "train_discriminative_avg-ix-pq"}
+    set_param(p / "methods.yaml", "methods.recipes.avg-ix-pq-gen.train", {"model.reads": "both", "indexing": True,
+                                                                         "augment.mixup_prob": 0.5})
+    assert planned_jobs(work) == set()
+    set_param(p / "evaluate.yaml", "evaluate.fusion.betas", [0, 1])
+    assert planned_jobs(work) == {"evaluate_fusion", "report"}
+    assert dvc_changed(work) == {"evaluate_avg-ix-pq-fu"}
+    set_param(p / "evaluate.yaml", "evaluate.fusion.betas", [0, 0.5, 1, 2, 5, 10, 20, 50, 100])
     set_param(p / "evaluate.yaml", "evaluate.rerank.depth", 5)
     assert planned_jobs(work) == {"evaluate_rerank", "report"}
     assert dvc_changed(work) == {"evaluate_avg-rr", "evaluate_avg-pq-rr"}
@@ -129,7 +147,7 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     assert planned_jobs(work) == set()
 
     set_param(p / "evaluate.yaml", "evaluate.depth", 50)
-    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "evaluate_rerank", "report"}
+    assert planned_jobs(work) == {"evaluate_dense", "evaluate_generative", "evaluate_rerank", "evaluate_fusion", "report"}
     status = sh(["dvc", "status"], work)
     changed = {l.strip().rstrip(":") for l in status.splitlines() if l and not l.startswith((" ", "\t"))}
     assert changed and all(name.startswith("evaluate_") for name in changed), status

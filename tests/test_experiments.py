@@ -7,7 +7,8 @@ from conftest import REPO
 from test_dag_consistency import copy_project, snakemake_jobs
 
 RULES = {"download", "features", "evaluate_dense", "tokenizer", "identifiers", "identifiers_atomic",
-         "train_generative", "train_discriminative", "evaluate_generative", "evaluate_rerank", "report"}
+         "train_generative", "train_discriminative", "evaluate_generative", "evaluate_rerank", "evaluate_fusion",
+         "report"}
 
 
 @pytest.mark.parametrize("name", ["flickr30k", "coco"])
@@ -33,7 +34,8 @@ def test_paper_dry_run_plans_every_step(tmp_path, name, t5):
     for path in (f"data/{name}/raw", f"data/{name}/features", f"data/{name}/tokenizer/avg",
                  f"data/{name}/identifiers/avg.tsv", f"data/{name}/checkpoints/avg-gen", f"data/{name}/checkpoints/avg",
                  f"data/{name}/eval/avg.json", f"data/{name}/eval/dense.json", f"reports/{name}/comparison.html",
-                 f"data/{name}/checkpoints/avg-pq", f"data/{name}/eval/avg-pq-rr.json"):
+                 f"data/{name}/checkpoints/avg-pq", f"data/{name}/eval/avg-pq-rr.json",
+                 f"data/{name}/checkpoints/avg-ix-pq", f"data/{name}/eval/avg-ix-pq-fu.json"):
         assert path in outputs, path
     train = next(j for j in jobs if j["rule"] == "train_generative")
     assert f'"encoder": "{t5}"' in train["cmd"] and '"backbone": "t5"' in train["cmd"]

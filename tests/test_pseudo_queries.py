@@ -13,7 +13,7 @@ from avg import pseudo_queries as PQ
 from avg.errors import UserError
 from avg.params import ParamsError
 
-CFG = {"schemes": ["avg"], "source": "knn", "per_image": 2, "file": None, "splits": ["val", "test"]}
+CFG = {"source": "knn", "per_image": 2, "file": None, "splits": ["val", "test"]}
 
 
 def store(n_images: int = 10, dim: int = 6, seed: int = 0) -> featurestore.Features:

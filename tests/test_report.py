@@ -376,7 +376,7 @@ def test_pseudo_query_rows_are_labelled_apart_from_test_caption_leaks(tmp_path, 
     for run in ("train/1", "train/2"):          # every train run's Sacred config holds the pseudo_queries params slice
         cfg_path = fx["runs"] / run / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        cfg.setdefault("train", {})["pseudo_queries"] = {"schemes": ["avg"], "source": "knn", "per_image": 5,
+        cfg.setdefault("train", {})["pseudo_queries"] = {"source": "knn", "per_image": 5,
                                                          "file": None, "splits": ["val", "test"]}
         _write(cfg_path, cfg)
     out = run_report(fx)
@@ -534,3 +534,29 @@ def test_reranked_rows_say_what_was_reranked(tmp_path, fast_figures):
     md = (run_report(fx) / "comparison.md").read_text()
     assert ("`avg-gen`: retrieve, then rerank: the top 10 images of avg-gen reordered by the inner product of the "
             "features; latency = avg-gen's + the rerank's (0.0310 ms)") in md
+
+
+def test_every_row_says_what_it_learned_from_and_whether_a_dense_score_ranked_it(tmp_path, fast_figures):
+    """design.md §6: learned-from (captions, + corpus indexing, + pseudo-queries) and dense-score use, per row,
+    read from the eval json and the checkpoint's train.json chain, never from the method's name."""
+    fx = build_fixture(tmp_path, pq=True)
+    ds = Path(fx["evals"][0]).parent.parent
+    disc = json.loads((ds / "checkpoints" / "avg-disc" / "train.json").read_text())
+    disc.update(indexing={"images": 40, "splits": ["test", "train", "val"]}, reads="both")
+    _write(ds / "checkpoints" / "avg-disc" / "train.json", disc)
+    path = next(p for p in fx["evals"] if Path(p).name == "avg-gen.json")
+    doc = json.loads(Path(path).read_text())
+    doc["fusion"] = {"from": "avg-gen", "beta": 5.0, "chosen_on": "val", "n_val_queries": 16,
+                     "score": "beam log-probability + beta * inner product"}
+    Path(path).write_text(json.dumps(doc))
+    out = run_report(fx)
+    header, rows = md_table((out / "comparison.md").read_text(), "Method")
+    got = {r[0].strip("*").split(" [")[0]: (r[header.index("Learned from")], r[header.index("Ranking (dense score?)")])
+           for r in rows}
+    assert got["dense"] == ("train captions (features step)", "dense score")
+    assert got["avg-disc"] == ("train captions + corpus images (indexing) + pseudo-queries",
+                               "generative (no dense score); reads caption + query embedding")
+    assert got["avg-gen"][1].startswith("generative + 5.00 x dense score (fusion, beta on val)")
+    metrics = json.loads((out / "metrics.json").read_text())["methods"]
+    assert metrics["avg-gen"]["uses_dense_score"] and not metrics["avg-disc"]["uses_dense_score"]
+    assert "beta = 5.00 chosen on val (16 captions)" in (out / "comparison.md").read_text()

@@ -51,7 +51,7 @@ def write_source(tmp_path, names, ranked: list[list[int]], split="test"):
 
 def cfg():
     return {"split": "test", "ks": [1, 5], "depth": 100, "latency_queries": 3, "batch_size": 4,
-            "rerank": {"methods": ["gen"], "depth": 3}}
+            "rerank": {"depth": 3}}
 
 
 def test_evaluate_step_reranks_a_generative_methods_rankings(tmp_path):
@@ -89,15 +89,18 @@ def test_rerank_errors_name_the_fix(tmp_path):
         step.run(args, cfg(), lambda *a: None, "r")
 
 
-def test_rerank_methods_must_be_evaluated_generative_methods():
-    from avg.methods import all_methods
+def test_rerank_recipes_pull_in_what_they_rerank():
+    from avg import methods as recipes
 
-    config = {"identifiers": {"schemes": ["avg"]}, "train": {"pseudo_queries": {"schemes": ["avg"]}},
-              "evaluate": {"rerank": {"methods": ["avg", "avg-pq-gen"]}}}
-    assert all_methods(config) == ["dense", "avg-gen", "avg", "avg-pq-gen", "avg-pq", "avg-rr", "avg-pq-gen-rr"]
-    config["evaluate"]["rerank"]["methods"] = ["kmeans"]
-    with pytest.raises(ParamsError, match="evaluate.rerank.methods.*kmeans"):
-        all_methods(config)
+    decl = {"dense": {"kind": "dense"}, "avg-gen": {"kind": "generative", "scheme": "avg"},
+            "avg": {"kind": "discriminative", "from": "avg-gen"}, "avg-rr": {"kind": "rerank", "from": "avg"},
+            "avg-gen-rr": {"kind": "rerank", "from": "avg-gen"}}
+    m = recipes.load({"methods": {"evaluate": ["dense", "avg-rr"], "recipes": decl}})
+    assert m.evaluated == ["dense", "avg-gen", "avg", "avg-rr"] and m.schemes == ["avg"]
+    assert m["avg-rr"].uses_dense_score and not m["avg"].uses_dense_score and m["avg-rr"].scheme == "avg"
+    decl["avg-rr"] = {"kind": "rerank", "from": "dense"}
+    with pytest.raises(ParamsError, match="avg-rr: kind rerank continues a generative or discriminative recipe, but dense"):
+        recipes.load({"methods": {"evaluate": ["avg-rr"], "recipes": decl}})
 
 
 def test_rerank_without_its_params_slice_is_a_clear_error(tmp_path):

@@ -150,12 +150,13 @@ def test_checkpoint_names_search_their_schemes_identifiers(dataset, capsys):
     ds = root / "toy" / "checkpoints"
     import shutil
 
-    if not (ds / "avg-pq-gen").exists():
-        shutil.copytree(ds / "avg", ds / "avg-pq-gen")
-    assert search.main(parse(["a red boat", "--scheme", "avg-pq-gen", "--dataset", "toy", "--data-root", str(root),
+    if not (ds / "avg-ix-pq").exists():
+        shutil.copytree(ds / "avg", ds / "avg-ix-pq")
+        io.write_json(ds / "avg-ix-pq" / "train.json", {"scheme": "avg", "recipe": "avg-ix-pq"})   # as avg train writes
+    assert search.main(parse(["a red boat", "--scheme", "avg-ix-pq", "--dataset", "toy", "--data-root", str(root),
                               "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["identifiers"].endswith("identifiers/avg.tsv") and out["checkpoint"].endswith("checkpoints/avg-pq-gen")
+    assert out["identifiers"].endswith("identifiers/avg.tsv") and out["checkpoint"].endswith("checkpoints/avg-ix-pq")
 
 
 def test_a_checkpoint_that_reads_the_embedding_gets_the_query_embedded_like_the_captions(dataset, tmp_path, capsys):

@@ -14,18 +14,20 @@ def test_extra_split_plans_only_the_asked_methods_in_its_own_folder(tmp_path):
     import split_spread
 
     work = copy_project(tmp_path / "proj")
-    methods = ["dense", "avg-gen", "avg", "avg-pq", "avg-pq-rr"]
+    methods = ["dense", "avg-gen", "avg", "avg-pq", "avg-pq-rr", "avg-ix-pq-fu"]
     cfg = split_spread.overrides(methods, "tuxpaint", 3)
     (work / "split3.yaml").write_text(yaml.safe_dump(cfg))
     jobs = snakemake_jobs(work, split_spread.snakemake_args(methods, "data/tuxpaint-split3", work / "split3.yaml"))
     outputs = {o for j in jobs for o in j["output"]}
     evals = {o for o in outputs if o.endswith(".json") and "/eval/" in o}
-    assert evals == {f"data/tuxpaint-split3/eval/{m}.json" for m in methods}
+    # the asked recipes and the evaluation the fusion reads (its source's; checkpoints they stand on are trained)
+    stand_on = ["avg-ix-pq"]
+    assert evals == {f"data/tuxpaint-split3/eval/{m}.json" for m in methods + stand_on}
     assert all(o.startswith(("data/tuxpaint-split3/", "logs/tuxpaint-split3/")) for o in outputs), outputs
     # only the avg scheme is trained (rq/kmeans/atomic are not asked for), and the split seed reaches download
     assert {j["rule"] for j in jobs} >= {"download", "features", "tokenizer", "identifiers", "train_generative",
                                          "train_discriminative", "evaluate_dense", "evaluate_generative",
-                                         "evaluate_rerank"}
+                                         "evaluate_rerank", "evaluate_fusion"}
     assert not any("identifiers_atomic" == j["rule"] or "report" == j["rule"] for j in jobs)
     download = next(j for j in jobs if j["rule"] == "download")
     assert '"seed": 3' in download["cmd"] and '"name": "tuxpaint-split3"' in download["cmd"]
@@ -47,5 +49,5 @@ def test_summary_ratios_use_each_splits_own_dense():
 def test_bad_method_name_fails_before_any_run():
     import split_spread
 
-    with pytest.raises(ValueError, match="not a method name"):
+    with pytest.raises(ValueError, match="not recipes of params/methods.yaml"):
         split_spread.overrides(["dense", "AVG!"], "tuxpaint", 1)

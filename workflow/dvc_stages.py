@@ -1,9 +1,10 @@
-"""Render dvc.yaml: the Snakemake DAG's steps as DVC stages, one per (step, scheme).
+"""Render dvc.yaml: the Snakemake DAG's steps as DVC stages, one per (step, scheme) and per method recipe.
 
-Which schemes exist is a param (``identifiers.schemes``), and DVC's templating cannot add a dependency
-for some items of a ``foreach`` only (rq and avg need a trained tokenizer; atomic and kmeans do not), so
-dvc.yaml is generated from the params rather than written by hand. Paths keep DVC's ``${data.name}``
-so a dataset rename needs no regeneration; a change of ``identifiers.schemes`` does:
+Which methods exist is a param (``params/methods.yaml``, :mod:`avg.methods`), and DVC's templating cannot
+add a dependency for some items of a ``foreach`` only (rq and avg need a trained tokenizer; atomic and
+kmeans do not; a discriminative recipe needs its generative one), so dvc.yaml is generated from the
+params rather than written by hand. Paths keep DVC's ``${data.name}`` so a dataset rename needs no
+regeneration; a change of params/methods.yaml does:
 
     python workflow/dvc_stages.py            # rewrite dvc.yaml
     python workflow/dvc_stages.py --check    # exit 1 when dvc.yaml is stale (tests run this)
@@ -42,18 +43,19 @@ def stage(cmd: str, deps: list[str], params: list, outs: list, metrics: list | N
 
 
 def render(params_dir: Path) -> dict:
-    from avg.methods import all_methods, is_reranked, parse, pseudo_query_schemes
+    from avg import methods as recipes
 
-    ident = yaml.safe_load((params_dir / "identifiers.yaml").read_text())["identifiers"]
-    train = yaml.safe_load((params_dir / "train.yaml").read_text())["train"]
-    evaluate = yaml.safe_load((params_dir / "evaluate.yaml").read_text())["evaluate"]
-    config = {"identifiers": ident, "train": train, "evaluate": evaluate}
-    # only the -rr stages read evaluate.rerank, only the dense stage evaluate.dense, only generative ones .generative
-    eval_params = _params_except("evaluate", evaluate, "rerank", "dense")
-    dense_params = _params_except("evaluate", evaluate, "rerank", "generative")
-    rerank_params = _params_except("evaluate", evaluate, "dense", "generative")
-    pq_schemes = pseudo_query_schemes(config)
-    methods = all_methods(config)
+    def slice_(step: str) -> dict:
+        return yaml.safe_load((params_dir / f"{step}.yaml").read_text())[step]
+
+    train, evaluate = slice_("train"), slice_("evaluate")
+    config = {"train": train, "methods": slice_("methods")}
+    m = recipes.load(config)
+    only = ("dense", "generative", "rerank", "fusion")    # evaluate.<x> read by some evaluation stages only
+
+    def eval_params(*reads: str) -> list:
+        return _params_except("evaluate", evaluate, *[k for k in only if k not in reads])
+
     stages: dict[str, dict] = {
         "download": stage(f"avg download --params params/data.yaml --out {D}/raw",
                           ["avg/steps/download.py", "avg/datasets"], _params("data"), [f"{D}/raw"]),
@@ -63,10 +65,10 @@ def render(params_dir: Path) -> dict:
         "evaluate_dense": stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",
             [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py", "avg/dense_index.py", "avg/timing.py",
-             "avg/query_features.py"], dense_params,
+             "avg/query_features.py"], eval_params("dense"),
             [f"{D}/eval/dense.rankings.tsv"], [f"{D}/eval/dense.json"]),
     }
-    for scheme in ident["schemes"]:
+    for scheme in m.schemes:
         ids = f"{D}/identifiers/{scheme}"
         deps = [f"{D}/features", "avg/steps/identifiers.py", "avg/identifiers.py"]
         tok_arg = ""
@@ -83,27 +85,31 @@ def render(params_dir: Path) -> dict:
         stages[f"identifiers_{scheme}"] = stage(
             f"avg identifiers --params params/identifiers.yaml --features {D}/features --scheme {scheme}{tok_arg} "
             f"--out {D}/identifiers", deps, _params("identifiers"), outs, [f"{ids}.json"])
-    for scheme in ident["schemes"]:
-        stages.update(training_stages(scheme, list(train)))
-    for scheme in pq_schemes:
-        stages.update(training_stages(scheme, list(train), pseudo_queries=True))
-    for method in methods[1:]:
-        scheme = parse(method)[0]
-        if is_reranked(method):
-            src = method.removesuffix("-rr")
-            stages[f"evaluate_{method}"] = stage(
-                f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
-                f"--rerank {D}/eval/{src}.json",
-                [f"{D}/features", f"{D}/eval/{src}.json", f"{D}/eval/{src}.rankings.tsv", "avg/steps/evaluate.py",
-                 "avg/rerank.py", "avg/metrics.py"],
-                rerank_params, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
+    for name in m.of_kind("generative", "discriminative"):
+        stages.update(training_stage(m, name, list(train)))
+    for name in m.evaluated:
+        r = m[name]
+        if r.kind == "dense":
             continue
-        stages[f"evaluate_{method}"] = stage(
-            f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {method} "
-            f"--checkpoint {D}/checkpoints/{method} --identifiers {D}/identifiers/{scheme}.tsv",
-            [f"{D}/features", f"{D}/checkpoints/{method}", f"{D}/identifiers/{scheme}.tsv", *EVAL_CODE],
-            eval_params, [f"{D}/eval/{method}.rankings.tsv"], [f"{D}/eval/{method}.json"])
-    stages["report"] = report_stage(methods, ident["schemes"])
+        ids = f"{D}/identifiers/{r.scheme}.tsv"
+        base = f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method {name}"
+        if r.kind in ("rerank", "fusion"):
+            src = f"{D}/eval/{r.source}"
+            if r.kind == "rerank":
+                cmd, deps, par = f"{base} --rerank {src}.json", ["avg/rerank.py"], eval_params("rerank")
+            else:
+                cmd = f"{base} --fusion {src}.json --checkpoint {D}/checkpoints/{r.source} --identifiers {ids}"
+                deps, par = [f"{D}/checkpoints/{r.source}", ids, "avg/fusion.py", *EVAL_CODE], eval_params("fusion", "generative")
+            stages[f"evaluate_{name}"] = stage(
+                cmd, [f"{D}/features", f"{src}.json", f"{src}.rankings.tsv", *dict.fromkeys(
+                    ["avg/steps/evaluate.py", *deps, "avg/metrics.py"])],
+                par, [f"{D}/eval/{name}.rankings.tsv"], [f"{D}/eval/{name}.json"])
+            continue
+        stages[f"evaluate_{name}"] = stage(
+            f"{base} --checkpoint {D}/checkpoints/{name} --identifiers {ids}",
+            [f"{D}/features", f"{D}/checkpoints/{name}", ids, *EVAL_CODE],
+            eval_params("generative"), [f"{D}/eval/{name}.rankings.tsv"], [f"{D}/eval/{name}.json"])
+    stages["report"] = report_stage(m.evaluated, m.schemes)
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
 
 
@@ -133,29 +139,32 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
             "metrics": [{f"{R}/metrics.json": {"cache": False}}]}
 
 
-TRAIN_CODE = ["avg/steps/train.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/lean_decoder.py", "avg/trie.py"]
+TRAIN_CODE = ["avg/steps/train.py", "avg/methods.py", "avg/model.py", "avg/training.py", "avg/decode.py", "avg/lean_decoder.py", "avg/trie.py"]
 EVAL_CODE = ["avg/steps/evaluate.py", "avg/generative_eval.py", "avg/model.py", "avg/decode.py", "avg/lean_decoder.py",
              "avg/trie.py", "avg/metrics.py",
              "avg/timing.py"]
 
 
-def training_stages(scheme: str, train_keys: list[str], pseudo_queries: bool = False) -> dict[str, dict]:
-    """Generative stage to <name>-gen, then the discriminative stage from it to <name> (name = scheme[-pq]).
+def training_stage(m, name: str, train_keys: list[str]) -> dict[str, dict]:
+    """One recipe's training: ``train_generative_<name>`` from scratch, or ``train_discriminative_<name>``
+    from its source's checkpoint. Params: params/train.yaml (``pseudo_queries`` only for recipes that use
+    them) and the recipe's own chain in params/methods.yaml (another recipe's change reruns nothing here)."""
+    from avg import methods as recipes
 
-    ``train_keys``: the keys of params/train.yaml's slice; only the -pq stages track train.pseudo_queries."""
-    ids = f"{D}/identifiers/{scheme}"
-    inputs = [f"{D}/features", f"{ids}.tsv", f"{ids}.json"] + ([] if scheme == "atomic" else [f"{ids}.codebook.npy"])
-    base = f"avg train --params params/train.yaml --features {D}/features --identifiers {ids}.tsv"
-    name = f"{scheme}-pq" if pseudo_queries else scheme
-    flag = " --pseudo-queries" if pseudo_queries else ""
-    code = TRAIN_CODE + (["avg/pseudo_queries.py"] if pseudo_queries else [])
-    gen, disc = f"{D}/checkpoints/{name}-gen", f"{D}/checkpoints/{name}"
-    params = _params("train") if pseudo_queries else _params_except("train", train_keys, "pseudo_queries")
-    return {
-        f"train_generative_{name}": stage(f"{base} --stage generative{flag} --out {gen}", inputs + code, params, [gen]),
-        f"train_discriminative_{name}": stage(f"{base} --stage discriminative{flag} --init-from {gen} --out {disc}",
-                                              inputs + [gen] + code, params, [disc]),
-    }
+    r = m[name]
+    ids = f"{D}/identifiers/{r.scheme}"
+    inputs = [f"{D}/features", f"{ids}.tsv", f"{ids}.json"] + ([] if r.scheme == "atomic" else [f"{ids}.codebook.npy"])
+    code = TRAIN_CODE + (["avg/pseudo_queries.py"] if r.pseudo_queries else [])
+    base = (f"avg train --params params/train.yaml --methods params/methods.yaml --recipe {name} "
+            f"--features {D}/features --identifiers {ids}.tsv")
+    train = _params("train") if r.pseudo_queries else _params_except("train", train_keys, "pseudo_queries")
+    params = train + [{"params/methods.yaml": [f"methods.recipes.{n}" for n in recipes.chain_names(m, name)]}]
+    out = f"{D}/checkpoints/{name}"
+    if r.kind == "generative":
+        return {f"train_generative_{name}": stage(f"{base} --stage generative --out {out}", inputs + code, params, [out])}
+    init = f"{D}/checkpoints/{r.source}"
+    return {f"train_discriminative_{name}": stage(f"{base} --stage discriminative --init-from {init} --out {out}",
+                                                  inputs + [init] + code, params, [out])}
 
 
 def dump(doc: dict) -> str:

@@ -8,7 +8,9 @@ exact search). Its ``latency_ms`` / ``qps`` are search only (the query embedding
 ``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers.
 ``--rerank <eval json of a generative method>`` reorders that method's top ``evaluate.rerank.depth``
 images by the feature inner product (:mod:`avg.rerank`); its latency is the generative method's plus the
-rerank's, measured here. Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
+rerank's, measured here. ``--fusion <eval json of a trained method>`` (with that method's ``--checkpoint``
+and ``--identifiers``) ranks its beams by log-probability + beta * the inner product (:mod:`avg.fusion`),
+beta chosen on the VAL split by decoding the val captions with the checkpoint (never on test). Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
 ``<method>.rankings.tsv``.
 """
 from __future__ import annotations
@@ -38,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table of the checkpoint's scheme")
     p.add_argument("--rerank", type=Path, default=None,
                    help="eval json of a generative method (its .rankings.tsv beside it) whose candidates to rerank")
+    p.add_argument("--fusion", type=Path, default=None,
+                   help="eval json of a trained method whose beams to rank by log-probability + beta * dense score "
+                        "(pass its --checkpoint and --identifiers too: beta is chosen on val with them)")
 
 
 def rankings_path(eval_json: Path) -> Path:
@@ -105,24 +110,22 @@ def evaluate_dense(feats: featurestore.Features, cfg: dict) -> tuple[dict, np.nd
     return metrics, rankings, scores
 
 
-def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``source_json``'s rankings reranked by the feature inner product (:func:`avg.rerank.rerank`)."""
-    from avg.rerank import rerank
-
-    if "rerank" not in cfg:
-        raise UserError("--rerank needs the evaluate.rerank slice of params/evaluate.yaml (methods, depth); it is missing "
-                        "from the params given")
+def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag: str
+                ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Another method's eval json and its rankings as arrays over ``feats``' corpus rows:
+    ``(metrics, candidates [n, W] (-1 pads), scores [n, W] (-inf pads; NaN where it wrote none))``."""
     source_json = Path(source_json)
     tsv = rankings_path(source_json)
     if not source_json.is_file() or not tsv.is_file():
-        raise UserError(f"--rerank {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
+        raise UserError(f"{flag} {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
     source = io.read_json(source_json)
     if source.get("split") != cfg["split"]:
-        raise UserError(f"--rerank {source_json} was evaluated on split {source.get('split')!r}, but evaluate.split is "
+        raise UserError(f"{flag} {source_json} was evaluated on split {source.get('split')!r}, but evaluate.split is "
                         f"{cfg['split']!r} (params/evaluate.yaml): evaluate it again on {cfg['split']!r} first")
-    table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype={"caption_id": str})
+    table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype={"caption_id": str, "scores": str})
     row_of = {name: i for i, name in enumerate(feats.images["image"])}
     by_id = {c: [x for x in ranked.split("|") if x] for c, ranked in zip(table["caption_id"], table["ranked"])}
+    score_of = dict(zip(table["caption_id"], table["scores"])) if "scores" in table else {}
     ids = feats.captions["caption_id"].astype(str)
     missing = [c for c in ids if c not in by_id]
     if missing:
@@ -130,11 +133,83 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
                         "it comes from another feature store or a max_queries run; evaluate that method again")
     width = max(1, max(len(by_id[c]) for c in ids))
     candidates = np.full((len(ids), width), -1, np.int64)
+    scores = np.full((len(ids), width), -np.inf)
     for i, c in enumerate(ids):
         for j, name in enumerate(by_id[c]):
             if name not in row_of:
                 raise UserError(f"{tsv} ranks {name!r}, which is not an image of split {cfg['split']!r} in the features")
             candidates[i, j] = row_of[name]
+        vals = [float(x) for x in score_of.get(c, "").split("|") if x]
+        scores[i, :len(by_id[c])] = vals if len(vals) == len(by_id[c]) else np.nan
+    return source, candidates, scores
+
+
+def evaluate_fused(source_json: Path, checkpoint: Path, identifiers: Path, store: featurestore.Features,
+                   cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """``source_json``'s beams ranked by log-probability + beta * inner product; beta chosen on val."""
+    import torch
+
+    from avg import fusion
+    from avg.decode import retrieve, token_trie
+    from avg.generative_eval import load_corpus_identifiers
+    from avg.model import VokenModel
+
+    if "fusion" not in cfg:
+        raise UserError("--fusion needs the evaluate.fusion slice of params/evaluate.yaml (betas); it is missing "
+                        "from the params given")
+    if checkpoint is None or identifiers is None:
+        raise UserError("--fusion chooses beta on the val split with the source's model: pass its --checkpoint and --identifiers")
+    test = store.split(cfg["split"])
+    source, candidates, logp = read_source(source_json, test, cfg, "--fusion")
+    if np.isnan(logp).any():
+        raise UserError(f"--fusion {source_json}: its rankings carry no beam scores (a dense or reranked method?); "
+                        "fuse a trained method's rankings")
+    # beta on VAL: decode the val captions with the same checkpoint and beam, then grid the betas
+    val = store.split("val")
+    if len(val.captions) == 0:
+        raise UserError("--fusion chooses beta on the val split, which has no captions")
+    vm = VokenModel.load(checkpoint)
+    beams = int(source.get("num_beams") or cfg["generative"]["num_beams"])
+    trie = token_trie(vm, load_corpus_identifiers(identifiers, val.images["image"]), np.arange(len(val.images)))
+    with torch.inference_mode():
+        res = retrieve(vm, val.captions["caption"].astype(str).tolist(), trie, num_beams=beams,
+                       batch_size=cfg["generative"]["batch_size"], queries=val.text)
+    val_logp = np.where(res.values >= 0, res.scores, -np.inf)
+    beta, grid = fusion.choose_beta(res.values, val_logp, val.text, val.image, val.captions["image_index"].to_numpy(),
+                                    cfg["fusion"]["betas"], cfg["ks"])
+    logger.info("fusion: beta %.3g chosen on val (%d captions) from %s", beta, len(val.captions),
+                {g["beta"]: round(g["selection"], 4) for g in grid})
+    rankings, scores = fusion.fuse(candidates, logp, test.text, test.image, beta)
+    metrics = retrieval_metrics(rankings, test.captions["image_index"].to_numpy(), cfg["ks"])
+    idx = np.arange(len(test.text))
+    fu = time_queries(lambda rows: fusion.fuse(candidates[rows[:, 0]], logp[rows[:, 0]], test.text[rows[:, 0]],
+                                               test.image, beta),
+                      idx[:, None], cfg["latency_queries"], cfg["batch_size"])
+    fuse_s = 1.0 / fu["qps"] if fu["qps"] not in (0, float("inf")) else 0.0
+    src_qps = source.get("qps") or float("inf")
+    metrics.update({
+        "latency_ms": (source.get("latency_ms") or 0.0) + fu["latency_ms"],
+        "latency_ms_median": (source.get("latency_ms_median") or 0.0) + fu["latency_ms_median"],
+        "latency_ms_p95": (source.get("latency_ms_p95") or 0.0) + fu["latency_ms_p95"],   # a bound: sum of p95s
+        "qps": 1.0 / (1.0 / src_qps + fuse_s), "timing_batch_size": source.get("timing_batch_size"),
+        "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"), "scheme": source.get("scheme"),
+        "fusion": {"from": source.get("method"), "from_json": str(source_json), "beta": beta, "chosen_on": "val",
+                   "val_grid": grid, "n_val_queries": int(len(val.captions)),
+                   "score": "beam log-probability + beta * inner product of the caption and image features",
+                   "source_recall": {k: source.get(k) for k in source if k.startswith("recall@")},
+                   "fusion_latency_ms": fu["latency_ms"], "source_latency_ms": source.get("latency_ms")},
+        "source_sacred_run_id": source.get("sacred_run_id")})
+    return metrics, rankings, scores
+
+
+def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``source_json``'s rankings reranked by the feature inner product (:func:`avg.rerank.rerank`)."""
+    from avg.rerank import rerank
+
+    if "rerank" not in cfg:
+        raise UserError("--rerank needs the evaluate.rerank slice of params/evaluate.yaml (methods, depth); it is missing "
+                        "from the params given")
+    source, candidates, _ = read_source(source_json, feats, cfg, "--rerank")
     depth = cfg["rerank"]["depth"]
     queries, corpus = feats.text, feats.image
     rankings, scores = rerank(candidates, queries, corpus, depth)
@@ -164,10 +239,15 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     if cfg["depth"] < max(cfg["ks"]):
         raise UserError(f"evaluate.depth ({cfg['depth']}) is below the largest of evaluate.ks ({max(cfg['ks'])}) "
                         "in params/evaluate.yaml: raise depth")
-    feats = featurestore.load(args.features).split(cfg["split"])
+    store = featurestore.load(args.features)
+    feats = store.split(cfg["split"])
     if len(feats.captions) == 0:
         raise UserError(f"split {cfg['split']!r} has no captions; set evaluate.split in params/evaluate.yaml")
-    if getattr(args, "rerank", None) is not None:
+    if getattr(args, "rerank", None) is not None and getattr(args, "fusion", None) is not None:
+        raise UserError("--rerank and --fusion are two ways of ranking one method's beams: pass one")
+    if getattr(args, "fusion", None) is not None:
+        metrics, rankings, scores = evaluate_fused(args.fusion, args.checkpoint, args.identifiers, store, cfg)
+    elif getattr(args, "rerank", None) is not None:
         metrics, rankings, scores = evaluate_reranked(args.rerank, feats, cfg)
     elif args.checkpoint is None:
         metrics, rankings, scores = evaluate_dense(feats, cfg)

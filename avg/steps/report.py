@@ -247,8 +247,13 @@ def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     if isinstance(rr, dict):
         r.notes.append(f"retrieve, then rerank: the top {rr.get('depth')} images of {rr.get('from')} reordered by the "
                        f"{rr.get('score')}; latency = {rr.get('from')}'s + the rerank's ({R.fmt_number(rr.get('rerank_latency_ms'))} ms)")
+    fu = metrics.get("fusion")
+    if isinstance(fu, dict):
+        r.notes.append(f"retrieve, then fuse: {fu.get('from')}'s beams ranked by {fu.get('score')}, beta = "
+                       f"{R.fmt_number(fu.get('beta'))} chosen on {fu.get('chosen_on')} ({fu.get('n_val_queries')} captions)")
     r.train_stages = train_chain(metrics.get("checkpoint"), r.notes) if metrics.get("checkpoint") else []
     last = r.train_stages[-1] if r.train_stages else {}
+    r.learned_from, r.ranking, r.uses_dense_score = provenance(metrics, r.train_stages)
     ident_table = metrics.get("identifiers")
     r.scheme = metrics.get("scheme") or last.get("scheme") or (
         Path(ident_table).name.removesuffix(".tsv") if isinstance(ident_table, str) and ident_table.endswith(".tsv") else None)
@@ -261,6 +266,30 @@ def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
             r.notes.append(f"the checkpoint was trained on identifiers of run {last['identifiers_run_id']}, but the "
                            f"stats shown are from run {r.identifier['sacred_run_id']}")
     return r
+
+
+READS = {"tokens": "reads the caption", "embedding": "reads the query embedding",
+         "both": "reads caption + query embedding"}
+
+
+def provenance(metrics: dict, stages: list[dict]) -> tuple[str, str, bool]:
+    """What a row learned from, how it ranks, and whether a dense score is in its ranking (design.md §6),
+    from its eval json and its checkpoint's train.json chain (no name parsing)."""
+    if metrics.get("method") == "dense" or (not stages and not metrics.get("checkpoint")):
+        return "train captions (features step)", "dense score", True
+    parts = ["train captions"]
+    if any(st.get("indexing") for st in stages):
+        parts.append("corpus images (indexing)")
+    if any(isinstance(st.get("pseudo_queries"), dict) for st in stages):
+        parts.append("pseudo-queries")
+    reads = READS.get(str((stages[-1] if stages else {}).get("reads") or "tokens"), "")
+    if isinstance(metrics.get("fusion"), dict):
+        rank, dense = f"generative + {R.fmt_number(metrics['fusion'].get('beta'))} x dense score (fusion, beta on val)", True
+    elif isinstance(metrics.get("rerank"), dict):
+        rank, dense = f"generative, top {metrics['rerank'].get('depth')} reranked by dense score", True
+    else:
+        rank, dense = "generative (no dense score)", False
+    return " + ".join(parts), f"{rank}; {reads}" if reads else rank, dense
 
 
 def method_runs(r: R.MethodResult) -> list[tuple[str, str]]:

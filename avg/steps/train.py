@@ -56,15 +56,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write, e.g. data/tuxpaint/checkpoints/avg-gen")
     p.add_argument("--state-dir", type=Path, default=None, help="resume state folder (default: <out>.resume)")
     p.add_argument("--pseudo-queries", action="store_true",
-                   help="also train on pseudo-queries for the images of train.pseudo_queries.splits (the -pq methods; "
-                        "labelled in every table)")
+                   help="also train on pseudo-queries for the images of train.pseudo_queries.splits (labelled in "
+                        "every table); a --recipe sets this itself")
+    p.add_argument("--recipe", default=None,
+                   help="train this method recipe of params/methods.yaml: its overrides over the train params, its "
+                        "pseudo-queries; its kind must match --stage (what Snakemake and dvc.yaml run)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--methods", type=Path, default=None, help="methods file for --recipe (default params/methods.yaml)")
+    src.add_argument("--methods-json", default=None, help="the methods slice as JSON (Snakemake passes the recipe's chain)")
+
+
+def resolve_params(args, cfg: dict) -> dict:
+    """With ``--recipe``: the train slice as that recipe trains with it (:func:`avg.methods.train_config`)."""
+    from avg import methods as recipes
+    from avg import params
+
+    if getattr(args, "recipe", None) is None:
+        if getattr(args, "methods", None) is not None or getattr(args, "methods_json", None) is not None:
+            raise UserError("--methods / --methods-json only say where --recipe is declared: pass --recipe NAME too")
+        return cfg
+    if args.methods_json is not None:
+        try:
+            slice_ = params.validate("methods", json.loads(args.methods_json), "--methods-json")
+        except json.JSONDecodeError as exc:
+            raise params.ParamsError(f"--methods-json is not valid JSON: {exc}") from None
+    else:
+        slice_ = params.load_file(args.methods or Path("params") / "methods.yaml", "methods")
+    config = {"train": cfg, "methods": slice_}
+    m = recipes.load(config)
+    if args.recipe not in m.recipes:
+        raise UserError(f"--recipe {args.recipe}: params/methods.yaml declares no such recipe "
+                        f"(trained ones: {', '.join(n for n in m.recipes if m[n].trained)})")
+    r = m[args.recipe]
+    if r.kind != args.stage:
+        raise UserError(f"--recipe {args.recipe} is kind {r.kind!r} in params/methods.yaml, but --stage is {args.stage!r}: "
+                        "train it with --stage " + (r.kind if r.trained else "(none: it trains nothing)"))
+    if args.pseudo_queries and not r.pseudo_queries:
+        raise UserError(f"--pseudo-queries given, but recipe {args.recipe} trains without them "
+                        "(params/methods.yaml: pseudo_queries); drop the flag or use a -pq recipe")
+    args.pseudo_queries = r.pseudo_queries
+    return recipes.train_config(config, r)
 
 
 def sacred_config(args) -> dict:
     return {"features": str(args.features), "identifiers": str(args.identifiers),
             "codebook": str(args.codebook) if args.codebook else None, "stage": args.stage,
             "init_from": str(args.init_from) if args.init_from else None, "out": str(args.out),
-            "use_pseudo_queries": bool(getattr(args, "pseudo_queries", False))}
+            "use_pseudo_queries": bool(getattr(args, "pseudo_queries", False)), "recipe": getattr(args, "recipe", None)}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -285,7 +323,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         result = T.train_discriminative(vm, train, val, T.OptimConfig.from_dict(d), T.RankConfig.from_dict(d),
                                         val_cfg, log, ckpt, cfg["seed"], augment)
 
-    meta = {**result, "sacred_run_id": run_id, "identifiers": str(args.identifiers),
+    meta = {**result, "sacred_run_id": run_id, "recipe": getattr(args, "recipe", None), "identifiers": str(args.identifiers),
             "scheme": id_stats.get("scheme"), "identifiers_run_id": id_stats.get("sacred_run_id"),
             "features_run_id": feats.meta.get("sacred_run_id"), "init_from": str(args.init_from) if args.init_from else None,
             "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),

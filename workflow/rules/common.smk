@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 
 def cfg_json(step, drop=()):
@@ -7,6 +8,16 @@ def cfg_json(step, drop=()):
     ``drop``: keys of the slice this rule does not read (train.pseudo_queries outside the -pq rules,
     evaluate.rerank outside the -rr rule), so changing them does not rerun it."""
     return json.dumps({k: v for k, v in config[step].items() if k not in drop}, sort_keys=True)
+
+
+def one_of(names):
+    """Wildcard constraint matching exactly these names (no name: matches nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
+def recipe_chain(name):
+    """params/methods.yaml cut down to one recipe and the ones it continues (avg.methods.chain)."""
+    return recipes.chain(config, name)
 
 
 def GPU(step):

@@ -1,3 +1,11 @@
+# evaluate.<x> slices that only some evaluation rules read: each rule drops the others' (no needless reruns)
+EVAL_ONLY = ("dense", "generative", "rerank", "fusion")
+
+
+def eval_cfg(*reads):
+    return cfg_json("evaluate", drop=tuple(k for k in EVAL_ONLY if k not in reads))
+
+
 rule evaluate_dense:
     """Dense two-tower baseline: cosine ranking over the evaluated split with the same features."""
     input:
@@ -8,7 +16,7 @@ rule evaluate_dense:
     log:
         f"logs/{DATASET}/evaluate_dense.log",
     params:
-        cfg=cfg_json("evaluate", drop=("rerank", "generative")),
+        cfg=eval_cfg("dense"),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:
@@ -19,26 +27,21 @@ rule evaluate_dense:
         "avg evaluate --params-json {params.cfg:q} --features {input} --out {params.outdir} --method dense 2>&1 | tee {log}"
 
 
-def checkpoint_scheme(method):
-    """Checkpoint names are <scheme>[-pq][-gen] (avg.methods); the identifier table is the scheme's."""
-    return parse_method(method)[0]
-
-
 rule evaluate_generative:
-    """Constrained beam search over the evaluated split's identifiers, mapped back to images."""
+    """A trained recipe: constrained beam search over the evaluated split's identifiers, mapped back to images."""
     input:
         features=f"{DATA}/features",
         checkpoint=f"{DATA}/checkpoints/{{method}}",
-        identifiers=lambda wildcards: f"{DATA}/identifiers/{checkpoint_scheme(wildcards.method)}.tsv",
+        identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
         rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
     wildcard_constraints:
-        method="[a-z0-9]+(-pq)?(-gen)?",
+        method=one_of(M.of_kind("generative", "discriminative")),
     log:
         f"logs/{DATASET}/evaluate_{{method}}.log",
     params:
-        cfg=cfg_json("evaluate", drop=("rerank", "dense")),
+        cfg=eval_cfg("generative"),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:
@@ -51,24 +54,21 @@ rule evaluate_generative:
         "--method {wildcards.method} --checkpoint {input.checkpoint} --identifiers {input.identifiers} 2>&1 | tee {log}"
 
 
-ruleorder: evaluate_dense > evaluate_generative
-
-
 rule evaluate_rerank:
-    """A generative method's top candidates reranked by the feature inner product (retrieve, then rerank)."""
+    """A rerank recipe: its source's top candidates reordered by the feature inner product."""
     input:
         features=f"{DATA}/features",
-        source=f"{DATA}/eval/{{method}}.json",
-        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+        source=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.json",
+        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.tsv",
     output:
-        metrics=f"{DATA}/eval/{{method}}-rr.json",
-        rankings=f"{DATA}/eval/{{method}}-rr.rankings.tsv",
+        metrics=f"{DATA}/eval/{{method}}.json",
+        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
     wildcard_constraints:
-        method="[a-z0-9]+(-pq)?(-gen)?",
+        method=one_of(M.of_kind("rerank")),
     log:
-        f"logs/{DATASET}/evaluate_{{method}}-rr.log",
+        f"logs/{DATASET}/evaluate_{{method}}.log",
     params:
-        cfg=cfg_json("evaluate", drop=("dense", "generative")),
+        cfg=eval_cfg("rerank"),
         outdir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: TIMED_THREADS
     resources:
@@ -77,4 +77,34 @@ rule evaluate_rerank:
         runtime=30,
     shell:
         "avg evaluate --params-json {params.cfg:q} --features {input.features} --out {params.outdir} "
-        "--method {wildcards.method}-rr --rerank {input.source} 2>&1 | tee {log}"
+        "--method {wildcards.method} --rerank {input.source} 2>&1 | tee {log}"
+
+
+rule evaluate_fusion:
+    """A fusion recipe: its source's beams ranked by log-probability + beta * dense score, beta chosen on val."""
+    input:
+        features=f"{DATA}/features",
+        source=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.json",
+        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.tsv",
+        checkpoint=lambda wildcards: f"{DATA}/checkpoints/{RECIPES[wildcards.method].source}",
+        identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
+    output:
+        metrics=f"{DATA}/eval/{{method}}.json",
+        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+    wildcard_constraints:
+        method=one_of(M.of_kind("fusion")),
+    log:
+        f"logs/{DATASET}/evaluate_{{method}}.log",
+    params:
+        cfg=eval_cfg("fusion", "generative"),
+        outdir=lambda wildcards, output: os.path.dirname(output.metrics),
+    threads: TIMED_THREADS
+    resources:
+        timing=1,
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU("evaluate"),
+    shell:
+        "avg evaluate --params-json {params.cfg:q} --features {input.features} --out {params.outdir} "
+        "--method {wildcards.method} --fusion {input.source} --checkpoint {input.checkpoint} "
+        "--identifiers {input.identifiers} 2>&1 | tee {log}"

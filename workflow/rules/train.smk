@@ -6,60 +6,63 @@ def identifier_files(scheme):
     return files
 
 
-def pq_flag(name):
-    """<scheme>-pq checkpoints also train on pseudo-queries (params/train.yaml: train.pseudo_queries)."""
-    return "--pseudo-queries" if name.endswith("-pq") else ""
-
-
 def train_cfg(wildcards):
-    """Only the -pq checkpoints read train.pseudo_queries: the others must not rerun when it changes."""
-    return cfg_json("train", drop=() if wildcards.name.endswith("-pq") else ("pseudo_queries",))
+    """The train slice a recipe reads (train.pseudo_queries only for recipes that use pseudo-queries, so it
+    reruns only those) and the recipe's own chain from params/methods.yaml; avg train merges the two."""
+    recipe = RECIPES[wildcards.name]
+    return cfg_json("train", drop=() if recipe.pseudo_queries else ("pseudo_queries",))
+
+
+def recipe_json(wildcards):
+    """Just this recipe and the ones it continues: changing another recipe reruns nothing here."""
+    return json.dumps(recipe_chain(wildcards.name), sort_keys=True)
 
 
 rule train_generative:
-    """Generative stage: cross-entropy from each train caption to its image's identifier; best epoch on val."""
+    """Generative stage of a recipe: cross-entropy from each training query to its image's identifier; best epoch on val."""
     input:
-        unpack(lambda wildcards: identifier_files(wildcards.name.removesuffix("-pq"))),
+        unpack(lambda wildcards: identifier_files(RECIPES[wildcards.name].scheme)),
         features=f"{DATA}/features",
     output:
-        directory(f"{DATA}/checkpoints/{{name}}-gen"),
+        directory(f"{DATA}/checkpoints/{{name}}"),
     wildcard_constraints:
-        name="[a-z0-9]+(-pq)?",
+        name=one_of(M.of_kind("generative")),
     log:
         f"logs/{DATASET}/train_generative_{{name}}.log",
     params:
         cfg=train_cfg,
-        pq=lambda wildcards: pq_flag(wildcards.name),
+        recipe=recipe_json,
     threads: step_threads("train")
     resources:
         mem_mb=8000,
         runtime=600,
         gpu=GPU("train"),
     shell:
-        "avg train --params-json {params.cfg:q} --features {input.features} "
-        "--identifiers {input.identifiers} --stage generative {params.pq} --out {output} 2>&1 | tee {log}"
+        "avg train --params-json {params.cfg:q} --methods-json {params.recipe:q} --recipe {wildcards.name} "
+        "--features {input.features} --identifiers {input.identifiers} --stage generative --out {output} 2>&1 | tee {log}"
 
 
 rule train_discriminative:
-    """Discriminative stage: listwise ranking of the gold identifier against constrained beams, plus CE."""
+    """Discriminative stage of a recipe: listwise ranking of the gold identifier against constrained beams, plus CE."""
     input:
-        unpack(lambda wildcards: identifier_files(wildcards.name.removesuffix("-pq"))),
+        unpack(lambda wildcards: identifier_files(RECIPES[wildcards.name].scheme)),
         features=f"{DATA}/features",
-        init=f"{DATA}/checkpoints/{{name}}-gen",
+        init=lambda wildcards: f"{DATA}/checkpoints/{RECIPES[wildcards.name].source}",
     output:
         directory(f"{DATA}/checkpoints/{{name}}"),
     wildcard_constraints:
-        name="[a-z0-9]+(-pq)?",
+        name=one_of(M.of_kind("discriminative")),
     log:
         f"logs/{DATASET}/train_discriminative_{{name}}.log",
     params:
         cfg=train_cfg,
-        pq=lambda wildcards: pq_flag(wildcards.name),
+        recipe=recipe_json,
     threads: step_threads("train")
     resources:
         mem_mb=8000,
         runtime=600,
         gpu=GPU("train"),
     shell:
-        "avg train --params-json {params.cfg:q} --features {input.features} "
-        "--identifiers {input.identifiers} --stage discriminative {params.pq} --init-from {input.init} --out {output} 2>&1 | tee {log}"
+        "avg train --params-json {params.cfg:q} --methods-json {params.recipe:q} --recipe {wildcards.name} "
+        "--features {input.features} --identifiers {input.identifiers} --stage discriminative --init-from {input.init} "
+        "--out {output} 2>&1 | tee {log}"

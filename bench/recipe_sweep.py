@@ -1,0 +1,231 @@
+"""Identifier shapes and training recipes side by side over seeded splits, chosen on validation.
+
+For each ``data.split.seed`` in ``--splits`` and each run of ``--runs``, this fits the run's tokenizer
+(``tokenizer`` overrides of params/tokenizer.yaml), assigns its identifiers, trains the generative stage
+(``train`` overrides of params/train.yaml, dotted keys; ``pq`` = with pseudo-queries) and reads the
+validation recall the step selected on. Test recall is decoded afterwards for the same checkpoint and
+reported beside it, never used to choose. Dense (exact inner product over the feature store) gives the
+reference on both splits. No Sacred: a measurement, not a pipeline run.
+
+A split's features come from the pipeline itself (Snakemake builds ``data/<name>/features`` for seed
+``params/data.yaml``'s and ``data/<name>-split<seed>/features`` for the others, the folders
+bench/split_spread.py uses). Tokenizers and identifiers are shared between runs with the same
+tokenizer overrides; trainings run ``--jobs`` at a time, one thread each.
+
+Usage: python bench/recipe_sweep.py [--runs runs.json] [--splits 0 1 2] [--jobs 2] [--tag cpu]
+Writes ``reports/bench/recipe_sweep[.<tag>].{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from avg import io  # noqa: E402
+
+DEFAULT_RUNS = [
+    {"name": "3x16 train-fit, tokens", "tokenizer": {}, "train": {}},
+    {"name": "3x16 corpus-fit, tokens", "tokenizer": {"fit_on": "corpus"}, "train": {}},
+    {"name": "6x16 train-fit, tokens", "tokenizer": {"levels": 6}, "train": {}},
+    {"name": "6x16 corpus-fit, tokens", "tokenizer": {"levels": 6, "fit_on": "corpus"}, "train": {}},
+]
+KS = ("recall@1", "recall@5", "recall@10")
+
+
+def params_slice(name: str) -> dict:
+    return yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())[name]
+
+
+def set_key(cfg: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        cfg = cfg[p]
+    if last not in cfg:
+        raise KeyError(f"{dotted} is not a key of the params slice")
+    cfg[last] = value
+
+
+def features_dir(seed: int) -> Path:
+    """The pipeline's feature store for one split seed (built with Snakemake when missing)."""
+    data = params_slice("data")
+    name = data["name"] if seed == data["split"]["seed"] else f"{data['name']}-split{seed}"
+    out = ROOT / "data" / name / "features"
+    if not (out / "meta.json").exists():
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump({"data": {"name": name, "split": {"seed": seed}}}, f)
+        subprocess.run(["snakemake", "--cores", "2", "--configfile", f.name, "--", f"data/{name}/features"],
+                       cwd=ROOT, check=True)
+    return out
+
+
+def tokenizer_key(over: dict) -> str:
+    return "tok-" + ("-".join(f"{k}={v}" for k, v in sorted(over.items())) or "default")
+
+
+def build_identifiers(features: Path, over: dict, work: Path) -> Path:
+    """Tokenizer + identifiers of the avg scheme under tokenizer overrides; returns the identifier table."""
+    from argparse import Namespace
+
+    import torch
+
+    from avg.steps import identifiers as IS
+    from avg.steps import tokenizer as TS
+
+    torch.set_num_threads(1)
+    table = work / "identifiers" / "avg.tsv"
+    if table.exists():
+        return table
+    cfg = params_slice("tokenizer")
+    for k, v in over.items():
+        set_key(cfg, k, v)
+    TS.run(Namespace(features=features, scheme="avg", out=work / "tokenizer"), cfg, lambda *a: None, "sweep")
+    IS.run(Namespace(features=features, scheme="avg", tokenizer=work / "tokenizer", out=work / "identifiers"),
+           params_slice("identifiers"), lambda *a: None, "sweep")
+    return table
+
+
+def train_one(job: dict) -> dict:
+    """Generative stage of one run on one split: val recall (what selection saw) and test recall."""
+    from argparse import Namespace
+
+    import numpy as np
+    import torch
+
+    from avg import featurestore
+    from avg.decode import evaluate_retrieval, token_trie
+    from avg.generative_eval import load_corpus_identifiers
+    from avg.model import VokenModel
+    from avg.steps import train as TS
+    from avg.threads import pin
+
+    pin(1)
+    cfg = params_slice("train")
+    cfg["threads"] = 1
+    for k, v in job["train"].items():
+        set_key(cfg, k, v)
+    out = Path(job["out"])
+    t0 = time.time()
+    if not (out / "train.json").exists():
+        TS.run(Namespace(features=Path(job["features"]), identifiers=Path(job["identifiers"]), codebook=None,
+                         stage="generative", init_from=None, out=out, state_dir=None, pseudo_queries=job["pq"]),
+               cfg, lambda *a: None, "sweep")
+    meta = io.read_json(out / "train.json")
+    test = featurestore.load(job["features"]).split("test")
+    vm = VokenModel.load(out)
+    trie = token_trie(vm, load_corpus_identifiers(job["identifiers"], test.images["image"]), np.arange(len(test.images)))
+    with torch.inference_mode():
+        m, _ = evaluate_retrieval(vm, test.captions["caption"].astype(str).tolist(), test.captions["image_index"].to_numpy(),
+                                  trie, num_beams=10, queries=test.text)
+    return {"run": job["run"], "split": job["split"], "best_epoch": meta["best_epoch"],
+            "val": {k: meta[f"val_{k}"] for k in KS}, "test": {k: m[k] for k in KS},
+            "seconds": round(time.time() - t0, 1)}
+
+
+def dense_recalls(features: Path) -> dict:
+    """Exact dense Recall@1/5/10 on the val and test splits of a feature store."""
+    from avg import featurestore
+    from avg import metrics as M
+
+    feats = featurestore.load(features)
+    out = {}
+    for split in ("val", "test"):
+        part = feats.split(split)
+        rows, _ = M.dense_topk(part.text, part.image, 10)
+        out[split] = {k: v for k, v in M.retrieval_metrics(rows, part.captions["image_index"].to_numpy()).items() if k in KS}
+    return out
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def write_report(result: dict, stem: Path) -> None:
+    io.write_json(stem.with_suffix(".json"), result)
+    splits = result["splits"]
+    dense = result["dense"]
+    lines = [f"# Identifier shapes and training recipes over seeded splits ({result['tag']})", "",
+             result["about"], "",
+             f"Splits (data.split.seed): {', '.join(map(str, splits))}. Generative stage only, avg scheme. "
+             "Chosen on **val** (the mean of R@1/5/10, train.validation.select_metric); test shown for the record. "
+             "Mean ± std over splits, in points; ratio = method R@1 / dense R@1 of the same split and split side.", "",
+             "| run | learned from | reads | val mean R@1/5/10 | val R@1 | val R@1 / dense | test R@1 | test R@1 / dense | test R@10 | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    dval = [dense[str(s)]["val"]["recall@1"] for s in splits]
+    dtest = [dense[str(s)]["test"]["recall@1"] for s in splits]
+    lines.insert(6, f"Dense (exact inner product, no training): val R@1 {mean_std(dval)}, test R@1 {mean_std(dtest)}.")
+    lines.insert(7, "")
+    for run in result["runs"]:
+        rows = sorted((r for r in result["rows"] if r["run"] == run["name"]), key=lambda r: r["split"])
+        if len(rows) != len(splits):
+            continue
+        vmean = [statistics.mean(r["val"][k] for k in KS) for r in rows]
+        v1 = [r["val"]["recall@1"] for r in rows]
+        t1 = [r["test"]["recall@1"] for r in rows]
+        t10 = [r["test"]["recall@10"] for r in rows]
+        vr = [a / b for a, b in zip(v1, dval)]
+        tr = [a / b for a, b in zip(t1, dtest)]
+        tr_s = f"{statistics.mean(tr):.2f} ± {statistics.stdev(tr):.2f}" if len(tr) > 1 else f"{tr[0]:.2f}"
+        vr_s = f"{statistics.mean(vr):.2f} ± {statistics.stdev(vr):.2f}" if len(vr) > 1 else f"{vr[0]:.2f}"
+        over = run.get("train", {})
+        learned = "train captions" + (" + corpus images (indexing)" if over.get("indexing") else "") \
+            + (" + pseudo-queries" if run.get("pq") else "")
+        lines.append(f"| {run['name']} | {learned} | {over.get('model.reads', 'tokens')} | {mean_std(vmean)} | {mean_std(v1)} | "
+                     f"{vr_s} | {mean_std(t1)} | {tr_s} | {mean_std(t10)} | "
+                     f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+    lines += ["", "No row's ranking uses a dense score (design.md §6). Runs: " + json.dumps(result["runs"])]
+    io.write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=Path, default=None,
+                    help='JSON list of {"name", "tokenizer": {key: value}, "train": {dotted.key: value}, "pq": bool}')
+    ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/avg-recipe-sweep"))
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    ap.add_argument("--tag", default="cpu")
+    args = ap.parse_args()
+    runs = json.loads(args.runs.read_text()) if args.runs else DEFAULT_RUNS
+    t0 = time.time()
+    feats = {s: features_dir(s) for s in args.splits}
+    dense = {str(s): dense_recalls(feats[s]) for s in args.splits}
+    jobs = []
+    for s in args.splits:
+        for run in runs:
+            work = args.work / f"split{s}" / tokenizer_key(run.get("tokenizer", {}))
+            ids = build_identifiers(feats[s], run.get("tokenizer", {}), work)
+            slug = "".join(ch if ch.isalnum() else "_" for ch in run["name"])
+            jobs.append({"run": run["name"], "split": s, "features": str(feats[s]), "identifiers": str(ids),
+                         "train": run.get("train", {}), "pq": bool(run.get("pq")),
+                         "out": str(args.work / f"split{s}" / "ckpt" / slug)})
+    print(f"{len(jobs)} trainings over {len(args.splits)} splits, {args.jobs} at a time", flush=True)
+    rows = []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for i, row in enumerate(pool.map(train_one, jobs), 1):
+            rows.append(row)
+            print(f"[{i}/{len(jobs)}] {row['run']} split {row['split']}: val {row['val']} test {row['test']} "
+                  f"({row['seconds']} s)", flush=True)
+    stem = args.out / (f"recipe_sweep.{args.tag}" if args.tag else "recipe_sweep")
+    write_report({"tag": args.tag, "splits": args.splits, "runs": runs, "dense": dense, "rows": rows,
+                  "seconds": round(time.time() - t0, 1),
+                  "about": "bench/recipe_sweep.py: tokenizer fit, identifier length and what the model reads / learns from."},
+                 stem)
+    print(f"wrote {stem}.md ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Fusion ranking (issue 12): log-probability + beta * dense score over a trained method's beams, beta chosen on val."""
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from avg import featurestore  # noqa: E402
+from avg.fusion import choose_beta, fuse  # noqa: E402
+
+
+def toy():
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((6, 4)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = corpus[[2, 4]] + 0.05 * rng.standard_normal((2, 4)).astype(np.float32)
+    cands = np.array([[0, 1, 2, -1], [4, 3, 5, -1]])
+    logp = np.array([[-1.0, -1.5, -3.0, -np.inf], [-2.0, -1.9, -5.0, -np.inf]])
+    return cands, logp, queries, corpus
+
+
+def test_beta_zero_keeps_the_beam_and_a_large_beta_is_the_dense_order():
+    cands, logp, q, corpus = toy()
+    r0, s0 = fuse(cands, logp, q, corpus, 0.0)
+    np.testing.assert_array_equal(r0[0], cands[0])
+    assert r0[1].tolist() == [3, 4, 5, -1]                          # pure log-probability order
+    big, _ = fuse(cands, logp, q, corpus, 1e4)
+    sims = np.einsum("d,wd->w", q[0], corpus[cands[0, :3]])
+    assert big[0, :3].tolist() == cands[0, :3][np.argsort(-sims)].tolist() and big[0, 0] == 2
+    assert (big[:, -1] == -1).all() and np.isneginf(s0[:, -1]).all()   # pads stay last
+    mid, s = fuse(cands, logp, q, corpus, 2.0)
+    want = logp[0, :3] + 2.0 * sims
+    np.testing.assert_allclose(np.sort(s[0, :3])[::-1], np.sort(want)[::-1], rtol=1e-6)
+
+
+def test_choose_beta_takes_the_val_best_and_the_smaller_on_ties():
+    cands, logp, q, corpus = toy()
+    gold = np.array([2, 4])
+    beta, grid = choose_beta(cands, logp, q, corpus, gold, [0, 1000], ks=(1,))
+    assert beta == 1000 and [g["beta"] for g in grid] == [0, 1000]
+    assert grid[0]["recall@1"] == 0.0 and grid[1]["recall@1"] == 1.0
+    beta, _ = choose_beta(cands, logp, q, corpus, np.array([0, 3]), [5, 0], ks=(1,))
+    assert beta == 0                                    # both fine at 0... ties and gold already first: smallest
+    with pytest.raises(ValueError, match="betas"):
+        choose_beta(cands, logp, q, corpus, gold, [])
+
+
+def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path):
+    from avg.generative_eval import evaluate_generative
+    from avg.steps import evaluate as step
+    from avg.steps import train as train_step
+    from avg.errors import UserError
+    from tests.test_training import nolog, step_cfg, write_synthetic
+
+    features, ids = write_synthetic(tmp_path)
+    train_step.run(Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                             out=tmp_path / "ckpt", state_dir=None), step_cfg(epochs=2), nolog, "train/1")
+    cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 3, "batch_size": 4,
+           "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
+                          "decoder": "fast"},
+           "fusion": {"betas": [0, 1, 10, 100]}}
+    ev = tmp_path / "eval"
+    step.run(Namespace(features=features, out=ev, method="gen", checkpoint=tmp_path / "ckpt", identifiers=ids,
+                       rerank=None, fusion=None), {k: v for k, v in cfg.items() if k != "fusion"}, nolog, "evaluate/1")
+    args = Namespace(features=features, out=ev, method="gen-fu", checkpoint=tmp_path / "ckpt", identifiers=ids,
+                     rerank=None, fusion=ev / "gen.json")
+    m = step.run(args, cfg, nolog, "evaluate/2")
+    fu = m["fusion"]
+    assert fu["from"] == "gen" and fu["chosen_on"] == "val" and fu["beta"] in (0, 1, 10, 100)
+    assert [g["beta"] for g in fu["val_grid"]] == [0, 1, 10, 100] and fu["n_val_queries"] > 0
+    assert max(g["selection"] for g in fu["val_grid"]) == next(g["selection"] for g in fu["val_grid"] if g["beta"] == fu["beta"])
+    # the test rankings are the source's beams fused with that beta, nothing else
+    store = featurestore.load(features)
+    test = store.split("test")
+    _, src_rank, src_scores = evaluate_generative(tmp_path / "ckpt", ids, store, cfg, None)
+    want, _ = fuse(src_rank, np.where(src_rank >= 0, src_scores, -np.inf), test.text, test.image, fu["beta"])
+    got = pd.read_csv(ev / "gen-fu.rankings.tsv", sep="\t", keep_default_na=False, dtype={"caption_id": str})
+    names = test.images["image"].to_numpy()
+    assert got["ranked"].tolist() == ["|".join(names[r] for r in row if r >= 0) for row in want]
+    assert m["latency_ms"] > 0 and m["qps"] > 0
+    # bad input: a clear message
+    with pytest.raises(UserError, match="pass its --checkpoint"):
+        step.run(Namespace(**{**vars(args), "checkpoint": None}), cfg, nolog, "x")
+    with pytest.raises(UserError, match="evaluate.fusion slice"):
+        step.run(args, {k: v for k, v in cfg.items() if k != "fusion"}, nolog, "x")
+    with pytest.raises(UserError, match="pass one"):
+        step.run(Namespace(**{**vars(args), "rerank": ev / "gen.json"}), cfg, nolog, "x")
