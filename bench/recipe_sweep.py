@@ -153,7 +153,7 @@ def mean_std(xs: list[float]) -> str:
 
 
 def write_report(result: dict, stem: Path) -> None:
-    io.write_json(stem.with_suffix(".json"), result)
+    io.write_json(stem.parent / f"{stem.name}.json", result)
     splits = result["splits"]
     dense = result["dense"]
     lines = [f"# Identifier shapes and training recipes over seeded splits ({result['tag']})", "",
@@ -186,7 +186,7 @@ def write_report(result: dict, stem: Path) -> None:
                      f"{vr_s} | {mean_std(t1)} | {tr_s} | {mean_std(t10)} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines += ["", "No row's ranking uses a dense score (design.md §6). Runs: " + json.dumps(result["runs"])]
-    io.write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -149,3 +149,27 @@ def test_t5_frozen_encoder_keeps_the_shared_voken_embeddings_trainable(tiny_t5):
     assert vm.model.shared.weight.requires_grad
     enc_only = [p for n, p in vm.model.get_encoder().named_parameters() if "embed_tokens" not in n]
     assert enc_only and not any(p.requires_grad for p in enc_only)
+
+
+def test_t5_reads_the_query_embedding_and_keeps_it_through_a_checkpoint(tiny_t5, tmp_path):
+    """Query conditioning on the paper's backbone: the prefix has T5's width, both decoders agree, and
+    the checkpoint keeps the projection (issue 12: both backbones)."""
+    from test_decode import same_beams
+
+    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), voken_init="random", reads="both",
+                                 prefix_tokens=2, query_dim=5), [6, 6, 3], seed=3)
+    with torch.no_grad():
+        w = vm.model.lm_head.weight
+        w[vm.spec.first_id:] = torch.randn(w[vm.spec.first_id:].shape, generator=torch.Generator().manual_seed(5)) * 2
+    vm.model.eval()
+    assert vm.prefix.proj.out_features == 2 * 32                    # prefix_tokens x d_model
+    allc = np.stack(np.meshgrid(*[np.arange(k) for k in (6, 6, 3)], indexing="ij"), -1).reshape(-1, 3)
+    trie = token_trie(vm, allc[::4])
+    q = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    caps = ["a red apple", "the dog is small"]
+    fast = retrieve(vm, caps, trie, num_beams=5, queries=q)
+    same_beams(fast, retrieve(vm, caps, trie, num_beams=5, decoder="generate", queries=q))
+    assert not np.allclose(fast.scores, retrieve(vm, caps, trie, num_beams=5, queries=-q).scores)
+    vm.save(tmp_path / "ckpt")
+    back = VokenModel.load(tmp_path / "ckpt")
+    np.testing.assert_allclose(retrieve(back, caps, trie, num_beams=5, queries=q).scores, fast.scores, atol=1e-5)

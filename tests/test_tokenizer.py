@@ -218,7 +218,7 @@ def test_step_writes_a_self_describing_checkpoint(tmp_path, scheme):
 
     store = write_store(tmp_path / "features")
     logs = []
-    metrics = step.run(Namespace(features=store, scheme=scheme, out=tmp_path / scheme), tiny_cfg(epochs=4),
+    metrics = step.run(Namespace(features=store, scheme=scheme, out=tmp_path / scheme), tiny_cfg(epochs=4, fit_on="train"),
                        lambda *a: logs.append(a), "tokenizer/7")
     meta = io.read_json(tmp_path / scheme / "meta.json")
     assert meta["sacred_run_id"] == "tokenizer/7" and meta["scheme"] == scheme
@@ -252,7 +252,7 @@ def test_corpus_fit_sees_every_image_but_only_train_captions(tmp_path):
     meta = io.read_json(meta_dir / "meta.json")
     assert meta["fit_on"] == "corpus" and meta["n_fit_images"] == 60 and meta["n_fit_images_with_captions"] == 36
     # the corpus fit moves the codes: a train-fitted tokenizer of the same seed encodes differently
-    step.run(Namespace(features=store, scheme="avg", out=tmp_path / "avg-train"), tiny_cfg(epochs=2),
+    step.run(Namespace(features=store, scheme="avg", out=tmp_path / "avg-train"), tiny_cfg(epochs=2, fit_on="train"),
              lambda *a: None, "tokenizer/9")
     load = lambda d: tok.RQVAE.from_checkpoint(torch.load(d / "model.pt", weights_only=True))
     a = tok.encode(load(meta_dir), feats.image).recon
