@@ -664,7 +664,8 @@ def plot_tables(methods: list[MethodResult], schemes: dict[str, dict]) -> dict[s
 
 def summary_metrics(data: ReportData) -> dict:
     """Numbers per method for ``dvc metrics show/diff`` (non-finite values become null)."""
-    keys = [f"recall@{k}" for k in recall_ks(data.methods)] + ["median_rank", "latency_ms", "qps"]
+    keys = [f"recall@{k}" for k in recall_ks(data.methods)] + ["median_rank", "latency_ms", "latency_ms_median",
+                                                               "latency_ms_p95", "qps"]
     out: dict[str, Any] = {}
     for r in data.methods:
         vals = {k: (as_number(r.metrics.get(k)) if finite(as_number(r.metrics.get(k))) else None) for k in keys}
@@ -673,6 +674,7 @@ def summary_metrics(data: ReportData) -> dict:
         vals["uses_test_captions"] = r.leakage.uses_test_captions
         vals["pseudo_queries"] = bool(r.leakage.pseudo_queries)
         vals["learned_from"] = r.learned_from
+        vals["ranking"] = r.ranking
         vals["uses_dense_score"] = r.uses_dense_score
         out[r.name] = vals
     return out

@@ -34,7 +34,7 @@ def test_paper_dry_run_plans_every_step(tmp_path, name, t5):
     for path in (f"data/{name}/raw", f"data/{name}/features", f"data/{name}/tokenizer/avg",
                  f"data/{name}/identifiers/avg.tsv", f"data/{name}/checkpoints/avg-gen", f"data/{name}/checkpoints/avg",
                  f"data/{name}/eval/avg.json", f"data/{name}/eval/dense.json", f"reports/{name}/comparison.html",
-                 f"data/{name}/checkpoints/avg-pq", f"data/{name}/eval/avg-pq-rr.json",
+                 f"data/{name}/eval/avg-rr.json", f"data/{name}/checkpoints/avg-ix-gen",
                  f"data/{name}/checkpoints/avg-ix-pq", f"data/{name}/eval/avg-ix-pq-fu.json"):
         assert path in outputs, path
     train = next(j for j in jobs if j["rule"] == "train_generative")
