@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from avg import io, params  # noqa: E402
 from avg import methods as recipes  # noqa: E402
 
-DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq-gen", "avg-ix-pq", "avg-ix-pq-fu"]
+DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq-gen", "avg-ix-pq-gen-fu"]
 KS = ("recall@1", "recall@5", "recall@10")
 
 

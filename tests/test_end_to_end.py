@@ -97,19 +97,19 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     before = {step: n_runs(step) for step in ("download", "features", "tokenizer", "identifiers", "train", "evaluate")}
     n_evals = len(list((d / "eval").glob("*.json")))
     # the recipes of params/methods.yaml: dense + (gen, gen+disc) x 4 schemes + avg reranked + avg-ix-gen
-    # + avg-ix-pq(-gen) + avg-ix-pq fused
-    assert n_evals == 1 + 2 * 4 + 1 + 1 + 2 + 1 and before["train"] == 2 * 4 + 1 + 2
-    ix = json.loads((d / "checkpoints" / "avg-ix-pq" / "train.json").read_text())
-    assert ix["recipe"] == "avg-ix-pq" and ix["reads"] == "both" and ix["indexing"]["images"] == 30
-    fu = json.loads((d / "eval" / "avg-ix-pq-fu.json").read_text())["fusion"]
-    assert fu["from"] == "avg-ix-pq" and fu["chosen_on"] == "val"
+    # + avg-ix-pq-gen + its fusion
+    assert n_evals == 1 + 2 * 4 + 1 + 1 + 1 + 1 and before["train"] == 2 * 4 + 1 + 1
+    ix = json.loads((d / "checkpoints" / "avg-ix-pq-gen" / "train.json").read_text())
+    assert ix["recipe"] == "avg-ix-pq-gen" and ix["reads"] == "both" and ix["indexing"]["images"] == 30
+    fu = json.loads((d / "eval" / "avg-ix-pq-gen-fu.json").read_text())["fusion"]
+    assert fu["from"] == "avg-ix-pq-gen" and fu["chosen_on"] == "val"
     rr = json.loads((d / "eval" / "avg-rr.json").read_text())
     assert rr["rerank"]["from"] == "avg" and rr["recall@10"] == json.loads((d / "eval" / "avg.json").read_text())["recall@10"]
-    pq = json.loads((d / "checkpoints" / "avg-ix-pq" / "train.json").read_text())["pseudo_queries"]
+    pq = json.loads((d / "checkpoints" / "avg-ix-pq-gen" / "train.json").read_text())["pseudo_queries"]
     assert pq["source"] == "knn" and pq["test_images"] and pq["splits"] == ["val", "test"]
     assert json.loads((d / "checkpoints" / "avg" / "train.json").read_text())["pseudo_queries"] is None
     report_md = (work / "reports" / "shapes" / "comparison.md").read_text()
-    assert "| avg-ix-pq |" in report_md.replace("**", "") and "pseudo-queries (knn, 5 per image" in report_md
+    assert "| avg-ix-pq-gen |" in report_md.replace("**", "") and "pseudo-queries (knn, 5 per image" in report_md
     assert "train captions + corpus images (indexing) + pseudo-queries" in report_md
 
     # keys read by the -pq / -rr methods only rerun those (both front doors), then are put back
@@ -124,21 +124,21 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
 
     set_param(p / "train.yaml", "train.pseudo_queries.per_image", 3)
     touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
-    assert touched == {"avg-ix-pq-gen", "avg-ix-pq"}, touched
-    assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen", "train_discriminative_avg-ix-pq"}
+    assert touched == {"avg-ix-pq-gen"}, touched
+    assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen"}
     set_param(p / "train.yaml", "train.pseudo_queries.per_image", 5)
     # a recipe's own overrides rerun that recipe's chain only, in both front doors
     set_param(p / "methods.yaml", "methods.recipes.avg-ix-pq-gen.train", {"model.reads": "both", "indexing": True,
                                                                          "augment.mixup_prob": 0.25})
     touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
-    assert touched == {"avg-ix-pq-gen", "avg-ix-pq"}, touched
-    assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen", "train_discriminative_avg-ix-pq"}
+    assert touched == {"avg-ix-pq-gen"}, touched
+    assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen"}
     set_param(p / "methods.yaml", "methods.recipes.avg-ix-pq-gen.train", {"model.reads": "both", "indexing": True,
                                                                          "augment.mixup_prob": 0.5})
     assert planned_jobs(work) == set()
     set_param(p / "evaluate.yaml", "evaluate.fusion.betas", [0, 1])
     assert planned_jobs(work) == {"evaluate_fusion", "report"}
-    assert dvc_changed(work) == {"evaluate_avg-ix-pq-fu"}
+    assert dvc_changed(work) == {"evaluate_avg-ix-pq-gen-fu"}
     set_param(p / "evaluate.yaml", "evaluate.fusion.betas", [0, 0.5, 1, 2, 5, 10, 20, 50, 100])
     set_param(p / "evaluate.yaml", "evaluate.rerank.depth", 5)
     assert planned_jobs(work) == {"evaluate_rerank", "report"}

@@ -35,7 +35,7 @@ def test_paper_dry_run_plans_every_step(tmp_path, name, t5):
                  f"data/{name}/identifiers/avg.tsv", f"data/{name}/checkpoints/avg-gen", f"data/{name}/checkpoints/avg",
                  f"data/{name}/eval/avg.json", f"data/{name}/eval/dense.json", f"reports/{name}/comparison.html",
                  f"data/{name}/eval/avg-rr.json", f"data/{name}/checkpoints/avg-ix-gen",
-                 f"data/{name}/checkpoints/avg-ix-pq", f"data/{name}/eval/avg-ix-pq-fu.json"):
+                 f"data/{name}/checkpoints/avg-ix-pq-gen", f"data/{name}/eval/avg-ix-pq-gen-fu.json"):
         assert path in outputs, path
     train = next(j for j in jobs if j["rule"] == "train_generative")
     assert f'"encoder": "{t5}"' in train["cmd"] and '"backbone": "t5"' in train["cmd"]
