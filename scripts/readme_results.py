@@ -31,8 +31,17 @@ def _num(v, digits: int = 2) -> str:
     return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def table(summary: dict) -> str:
-    methods = summary["methods"]
+def report_order() -> list[str]:
+    """The recipes in report order (params/methods.yaml's methods.evaluate, what they stand on first)."""
+    sys.path.insert(0, str(ROOT))
+    from avg import methods, params
+
+    return methods.load({"methods": params.load_file(ROOT / "params" / "methods.yaml", "methods")}).evaluated
+
+
+def table(summary: dict, order: list[str] | None = None) -> str:
+    rank = {n: i for i, n in enumerate(order or [])}
+    methods = dict(sorted(summary["methods"].items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
     dense = (methods.get("dense") or {}).get("recall@1")
     lines = ["| method | learned from | ranking | R@1 | R@1 / dense | R@5 | R@10 | median rank | ms/query (median) | "
              "ms/query (p95) | QPS | train (s) |",
@@ -51,12 +60,12 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def render(readme: str, summary: dict) -> str:
+def render(readme: str, summary: dict, order: list[str] | None = None) -> str:
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill")
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table(summary)}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{table(summary, order)}\n{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     summary = json.loads(args.metrics.read_text())
     old = args.readme.read_text()
-    new = render(old, summary)
+    new = render(old, summary, report_order())
     if args.check:
         if new != old:
             print(f"{args.readme}'s results table differs from {args.metrics}: run python scripts/readme_results.py",

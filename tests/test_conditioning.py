@@ -177,3 +177,36 @@ def test_indexing_or_mixup_without_an_embedding_reading_model_is_refused(tmp_pat
         with pytest.raises(UserError, match="train.model.reads"):
             step.run(args, cfg, nolog, "x")
     assert not (tmp_path / "o").exists()
+
+
+def test_training_rows_never_hold_a_val_or_test_caption(tmp_path, monkeypatch):
+    """Poison every val/test caption (text and embedding): the training rows of a recipe with indexing,
+    mixup and knn pseudo-queries must not contain any of it. Validation may read val captions; training may not."""
+    from avg import training as T
+    from avg.steps import train as step
+
+    features, ids = write_synthetic(tmp_path, dim=DIM)
+    feats = featurestore.load(features)
+    held = feats.captions["split"].isin(["val", "test"]).to_numpy()
+    feats.captions.loc[held, "caption"] = "LEAK " + feats.captions.loc[held, "caption"]
+    feats.text[held] = np.nan
+    featurestore.save(features, feats)
+    seen = {}
+
+    def capture(vm, train, val, *a, **k):
+        seen["train"], seen["val"] = train, val
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "train_generative", capture)
+    cfg = step_cfg(epochs=1)
+    cfg["model"].update(reads="both")
+    cfg.update(indexing=True, augment={"mixup_prob": 1.0, "mixup_max_weight": 0.5, "noise": 0.0})
+    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                     out=tmp_path / "o", state_dir=None, pseudo_queries=True)
+    with pytest.raises(KeyboardInterrupt):
+        step.run(args, cfg, nolog, "x")
+    train = seen["train"]
+    assert not any("LEAK" in c for c in train.captions)
+    assert not np.isnan(train.queries).any()                        # no held-out caption embedding either
+    n_caps = int((feats.captions["split"] == "train").sum())
+    assert len(train.captions) > n_caps + len(feats.images)          # captions + pseudo-queries + indexing rows
+    assert all("LEAK" in c for c in seen["val"].captions)             # validation reads val captions, as it should
