@@ -6,6 +6,13 @@ stop times, per-epoch figures through ``log_scalar`` and the step's final metric
 
 Observers: a FileStorageObserver under ``<runs_dir>/<step>/`` always; a MongoObserver as well when
 ``AVG_SACRED_MONGO_URL`` is set (database name from ``AVG_SACRED_MONGO_DB``, default ``avg``).
+
+Run ids: the file observer decides them (``<step>/<n>``, the next free folder, what every output's
+``sacred_run_id`` names). Sacred starts observers by priority and hands the first one's id to the rest,
+and Mongo's priority (30) is above the file observer's (20): a fresh database would then say "run 1"
+to a runs folder that already holds ``1`` and the step would die with ``FileExistsError``. So the file
+observer goes first (:data:`FILE_PRIORITY`), and Mongo numbers its own documents, recording the file
+run id in the run's ``meta.file_run_id``.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 LogFn = Callable[[str, float, "int | None"], None]
+FILE_PRIORITY = 100     # above every Sacred observer's default: the file observer names the run
 logger = logging.getLogger(__name__)
 
 
@@ -50,12 +58,20 @@ def build_experiment(step: str, runs_dir: str | os.PathLike):
     from sacred.utils import apply_backspaces_and_linefeeds
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.logger = logging.getLogger(f"sacred.avg.{step}")
-    ex.observers.append(FileStorageObserver(str(Path(runs_dir) / step)))
+    ex.observers.append(FileStorageObserver(str(Path(runs_dir) / step), priority=FILE_PRIORITY))
     mongo_url = os.environ.get("AVG_SACRED_MONGO_URL")
     if mongo_url:
-        from sacred.observers import MongoObserver
+        from sacred import observers
 
-        ex.observers.append(MongoObserver(url=mongo_url, db_name=os.environ.get("AVG_SACRED_MONGO_DB", "avg")))
+        class OwnIdMongoObserver(observers.MongoObserver):
+            """Mongo numbering its own documents: the file run id it is handed is kept in meta, not reused
+            as ``_id`` (another checkout's runs in the same database may hold it already)."""
+
+            def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+                meta = {**(meta_info or {}), "file_run_id": f"{step}/{_id}" if _id is not None else None}
+                return super().started_event(ex_info, command, host_info, start_time, config, meta, None)
+
+        ex.observers.append(OwnIdMongoObserver(url=mongo_url, db_name=os.environ.get("AVG_SACRED_MONGO_DB", "avg")))
     return ex
 
 

@@ -99,3 +99,44 @@ def test_non_zero_torchrun_rank_opens_no_sacred_run(tmp_path, monkeypatch):
                "--out", str(tmp_path / "eval"), "--method", "dense", "--runs-dir", str(tmp_path / "runs")])
     assert rc == 0 and not (tmp_path / "runs").exists()
     assert json.loads((tmp_path / "eval/dense.json").read_text())["sacred_run_id"] == "evaluate/rank1"
+
+
+class StandInMongo:
+    """Behaves like sacred's MongoObserver towards the run: priority 30, a database that numbers its runs
+    from 1 when not handed an id, and refuses an id it already holds (Mongo's duplicate-key error)."""
+    priority = 30
+    database: dict = {}
+
+    def __init__(self, url=None, db_name=None, **_):
+        self.url, self.db_name = url, db_name
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        if _id is None:
+            _id = max(self.database, default=0) + 1
+        if _id in self.database:
+            raise KeyError(f"duplicate key {_id}")
+        self.database[_id] = {"meta": meta_info, "config": config}
+        return _id
+
+    def __getattr__(self, name):       # heartbeat, completed, artifacts, ...: nothing to record here
+        if name.endswith("_event") or name in ("join", "put_artifact", "log_metrics"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def test_file_and_mongo_observers_never_fight_over_run_ids(tmp_path, monkeypatch):
+    """After file-only runs, a fresh Mongo database must not hand the file observer an id it already has."""
+    import sacred.observers
+
+    ok = lambda log, run_id: {"run": run_id}    # noqa: E731
+    for _ in range(2):                                           # runs/toy/1 and runs/toy/2, no Mongo
+        tracking.run_step("toy", {"toy": {}}, ok, runs_dir=tmp_path)
+    monkeypatch.setattr(sacred.observers, "MongoObserver", StandInMongo)
+    monkeypatch.setenv("AVG_SACRED_MONGO_URL", "mongodb://stand-in")
+    StandInMongo.database = {}
+    run_id, _ = tracking.run_step("toy", {"toy": {}}, ok, runs_dir=tmp_path)
+    assert run_id == "toy/3" and (tmp_path / "toy" / "3" / "run.json").exists()     # the file observer names runs
+    assert StandInMongo.database[1]["meta"]["file_run_id"] == "toy/3"                 # Mongo numbers its own
+    StandInMongo.database = {4: {}}                              # a database another checkout already filled
+    run_id, _ = tracking.run_step("toy", {"toy": {}}, ok, runs_dir=tmp_path)
+    assert run_id == "toy/4" and StandInMongo.database[5]["meta"]["file_run_id"] == "toy/4"
