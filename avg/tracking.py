@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 LogFn = Callable[[str, float, "int | None"], None]
+ARTIFACTS = "_artifacts"   # a step's result key: output files (not checkpoints) to attach to its run
 FILE_PRIORITY = 100     # above every Sacred observer's default: the file observer names the run
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def run_step(step: str, config: dict, fn: Callable[[LogFn, str], dict], runs_dir
     """Run ``fn(log, run_id)`` as one Sacred run; return ``(run_id, metrics)``.
 
     ``run_id`` is ``<step>/<sacred id>``, the name every output's metadata records so a report can
-    trace each number to the run that produced it.
+    trace each number to the run that produced it. Paths ``fn`` lists under the result key
+    :data:`ARTIFACTS` are attached to the run as artifacts (and left out of the result).
     """
     ex = build_experiment(step, runs_dir)
     ex.add_config(_jsonable(config))
@@ -92,7 +94,11 @@ def run_step(step: str, config: dict, fn: Callable[[LogFn, str], dict], runs_dir
         def log(name: str, value: float, step_: int | None = None) -> None:
             _run.log_scalar(name, float(value), step_)
 
-        metrics = fn(log, run_id)
+        metrics = dict(fn(log, run_id))
+        # small outputs travel with the run (runs/<step>/<id>/, Mongo's GridFS), so Omniboard shows them
+        for path in metrics.pop(ARTIFACTS, []):
+            if Path(path).is_file():
+                _run.add_artifact(str(path), name=Path(path).name)
         outcome["run_id"], outcome["metrics"] = run_id, metrics
         return _jsonable(metrics)
 

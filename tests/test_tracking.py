@@ -66,6 +66,10 @@ def test_dense_evaluate_through_cli_names_its_run(tmp_path):
     assert metrics["latency_ms"] > 0 and metrics["qps"] > 0 and metrics["n_corpus"] == 12
     ranks = pd.read_csv(tmp_path / "eval/dense.rankings.tsv", sep="\t")
     assert len(ranks) == 12 and all(len(r.split("|")) == 12 for r in ranks["ranked"])
+    # the outputs travel with the run as artifacts (what Omniboard shows); the result does not list them
+    run_dir = tmp_path / "runs" / "evaluate" / "1"
+    assert sorted(run["artifacts"]) == ["dense.json", "dense.rankings.tsv"] and "_artifacts" not in run["result"]
+    assert (run_dir / "dense.rankings.tsv").read_text() == (tmp_path / "eval/dense.rankings.tsv").read_text()
 
 
 def test_dense_recall_equals_hand_computed_ranking(tmp_path):

@@ -263,7 +263,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     write_rankings(rankings_path(out / f"{args.method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
                    rankings, scores)
     io.write_json(out / f"{args.method}.json", metrics)
+    from avg.tracking import ARTIFACTS
+
     logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", args.method, cfg["split"],
                 metrics.get("recall@1", 0), metrics.get("recall@5", 0), metrics.get("recall@10", 0),
                 metrics["latency_ms"], metrics["qps"])
-    return metrics
+    return {**metrics, ARTIFACTS: [out / f"{args.method}.json", rankings_path(out / f"{args.method}.json")]}

@@ -401,4 +401,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                     "any_uses_test_captions": any(r.leakage.uses_test_captions for r in data.methods)}
     for name, vals in rep.metrics["methods"].items():
         result.update({f"{name}.{k}": v for k, v in vals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    from avg.tracking import ARTIFACTS
+
+    result[ARTIFACTS] = [out / "comparison.md", out / "comparison.html", out / "metrics.json"]
     return result
