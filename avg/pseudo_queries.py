@@ -11,7 +11,9 @@ Two sources, both blind to the captions of the images they describe:
 - ``knn``: the ``per_image`` train captions closest to the image in the shared feature space (caption
   transfer: retrieval-based captioning with the features step's own encoder). Works offline.
 - ``file``: a CSV with ``image`` and ``caption`` columns written by any captioner (BLIP, an LLM, ...),
-  ``image`` keyed like ``images.csv``. This is how the paper's pseudo-queries are brought in.
+  ``image`` keyed like ``images.csv``; or the AVG authors' ``pseudo_query.json`` as they ship it
+  (``[{"image_id": ..., "caption": [five strings]}]``, :func:`read_authors_json`). This is how the
+  paper's pseudo-queries are brought in.
 
 Design rule (design.md §6): training on anything written for test images is labelled wherever results
 are shown. The train step records :func:`describe` in ``train.json``; evaluate and report carry it.
@@ -86,13 +88,55 @@ def from_knn(feats, splits: list[str], per_image: int) -> pd.DataFrame:
     return pd.DataFrame({"image": image[ok], "caption": caps[rows][ok], "score": scores[ok], "source": "knn"})
 
 
+def read_authors_json(path: Path, images: list[str]) -> pd.DataFrame:
+    """The AVG authors' ``pseudo_query.json`` (``[{"image_id": id, "caption": str or [str, ...]}]``) as rows
+    (image, caption), ``image_id`` matched to the store's image keys: the key itself, its file name, or its
+    file name without extension (Flickr30K ids are file names, COCO's are numbers)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): the authors' pseudo-query file is a list of "
+                        '{"image_id": ..., "caption": [...]}') from None
+    if not isinstance(doc, list) or not all(isinstance(e, dict) and {"image_id", "caption"} <= set(e) for e in doc):
+        layout = '{"image_id": ..., "caption": [...]}'
+        raise UserError(f"{path}: expected a list of {layout} entries (the AVG authors' pseudo_query.json "
+                        "layout), or use a CSV with columns image, caption")
+    by_name: dict[str, str] = {}
+    for key in images:
+        name = Path(key).name
+        stem = Path(name).stem
+        tail = stem.rsplit("_", 1)[-1]
+        # COCO's numeric ids: COCO_val2014_000000391895.jpg is image_id 391895
+        for alias in (key, name, stem) + ((str(int(tail)),) if tail.isdigit() else ()):
+            by_name.setdefault(alias, key)
+    rows, unknown = [], []
+    for e in doc:
+        ident = str(e["image_id"])
+        key = by_name.get(ident)
+        if key is None:
+            unknown.append(ident)
+            continue
+        caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+        rows += [(key, str(c)) for c in caps]
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} image_id(s) match no image of the feature store (e.g. {unknown[0]!r}); "
+                        "image_id must be an image's path as in features/images.csv, its file name, or its stem")
+    return pd.DataFrame(rows, columns=["image", "caption"])
+
+
 def from_file(path: str | Path, feats, splits: list[str]) -> pd.DataFrame:
-    """Pseudo-queries written elsewhere: rows whose image is in ``splits``; unknown images are an error."""
+    """Pseudo-queries written elsewhere (CSV, or the authors' json): rows whose image is in ``splits``;
+    unknown images are an error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"train.pseudo_queries.file {path} does not exist (params/train.yaml): give a CSV with "
-                        "columns image, caption")
-    table = pd.read_csv(path, keep_default_na=False)
+                        "columns image, caption, or the AVG authors' pseudo_query.json")
+    if path.suffix.lower() == ".json":
+        table = read_authors_json(path, feats.images["image"].astype(str).tolist())
+    else:
+        table = pd.read_csv(path, keep_default_na=False)
     missing = {"image", "caption"} - set(table.columns)
     if missing:
         raise UserError(f"{path} lacks column(s) {sorted(missing)}: pseudo-query files need image, caption")

@@ -137,3 +137,51 @@ def test_train_step_records_and_uses_pseudo_queries(tmp_path):
     step.run(plain, cfg, lambda *a: None, "train/3")
     assert io.read_json(plain.out / "train.json")["pseudo_queries"] is None
     assert not (plain.out / "pseudo_queries.csv").exists()
+
+
+def test_the_authors_pseudo_query_json_is_read_as_they_ship_it(tmp_path):
+    """[{"image_id": ..., "caption": [five strings]}], ids matched by path, file name, stem or COCO number."""
+    import json
+
+    images = ["flickr/1000092795.jpg", "coco/COCO_val2014_000000391895.jpg", "raw/i2.png"]
+    doc = [{"image_id": "1000092795.jpg", "caption": ["two men", "two friends"]},
+           {"image_id": 391895, "caption": ["a man on a bike"]},
+           {"image_id": "i2", "caption": "one string"}]
+    path = tmp_path / "pseudo_query.json"
+    path.write_text(json.dumps(doc))
+    table = PQ.read_authors_json(path, images)
+    assert table.values.tolist() == [["flickr/1000092795.jpg", "two men"], ["flickr/1000092795.jpg", "two friends"],
+                                     ["coco/COCO_val2014_000000391895.jpg", "a man on a bike"], ["raw/i2.png", "one string"]]
+    path.write_text(json.dumps(doc + [{"image_id": "999.jpg", "caption": ["x"]}]))
+    with pytest.raises(UserError, match="1 image_id.*'999.jpg'.*file name"):
+        PQ.read_authors_json(path, images)
+    path.write_text(json.dumps({"image_id": 1}))
+    with pytest.raises(UserError, match="list of"):
+        PQ.read_authors_json(path, images)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        PQ.read_authors_json(path, images)
+
+
+def test_a_pq_recipe_trains_on_the_authors_json(tmp_path):
+    import json
+    from argparse import Namespace
+    from pathlib import Path
+
+    from avg import featurestore, io
+    from avg.steps import train as step
+    from test_training import nolog, step_cfg, write_synthetic
+
+    features, ids = write_synthetic(tmp_path)
+    feats = featurestore.load(features)
+    held = feats.images[feats.images["split"].isin(["val", "test"])]["image"]
+    doc = [{"image_id": Path(k).name, "caption": [f"pseudo {i} a", f"pseudo {i} b"]} for i, k in enumerate(held)]
+    (tmp_path / "pseudo_query.json").write_text(json.dumps(doc))
+    cfg = step_cfg(epochs=1)
+    cfg["pseudo_queries"].update(source="file", file=str(tmp_path / "pseudo_query.json"))
+    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                     out=tmp_path / "avg-pq-gen", state_dir=None, pseudo_queries=True)
+    step.run(args, cfg, nolog, "train/1")
+    meta = io.read_json(tmp_path / "avg-pq-gen" / "train.json")
+    assert meta["pseudo_queries"]["source"] == "file" and meta["pseudo_queries"]["n_queries"] == 2 * len(held)
+    assert meta["n_train_captions"] == (feats.captions["split"] == "train").sum() + 2 * len(held)
