@@ -94,8 +94,20 @@ def load_file(path: str | Path, step: str) -> dict:
 
 
 def validate_config(config: dict, steps: Iterable[str], source: str = "params/") -> None:
-    """Validate every step slice of a merged Snakemake config (params files + --configfile overrides)."""
+    """Validate every step slice of a merged Snakemake config (params files + --configfile overrides).
+
+    A top-level key that is no step (``trian:`` in an override file) is an error too: Snakemake would
+    merge it silently and the run would use the defaults the user meant to change."""
+    steps = list(steps)
     problems = []
+    unknown = sorted(set(config) - set(steps))
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, steps, 1)) else "")
+                 for k in unknown]
+        problems.append(f"unknown top-level key(s) {', '.join(hints)} in the config (a --configfile override or "
+                        f"--config); the keys are the steps: {', '.join(steps)}")
     for step in steps:
         if step not in config:
             problems.append(f"missing top-level key {step!r} (params/{step}.yaml)")

@@ -80,3 +80,22 @@ def test_merged_config_validation_reports_every_step():
         params.validate_config(config, ["data", "evaluate", "features"])
     msg = str(err.value)
     assert "evaluate.split" in msg and "missing top-level key 'features'" in msg
+
+
+def test_a_misspelt_top_level_key_in_an_override_is_refused_by_snakemake(tmp_path):
+    """`trian:` in a --configfile would be merged silently and the defaults used: it stops with the fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_dag_consistency import copy_project
+
+    config = {s: params.load_file(REPO / "params" / f"{s}.yaml", s) for s in ("data", "evaluate")}
+    config["trian"] = {"seed": 3}
+    with pytest.raises(params.ParamsError, match=r"unknown top-level key\(s\) 'trian' \(did you mean 'train'\?\)"):
+        params.validate_config(config, ["data", "evaluate", "train"])
+    work = copy_project(tmp_path / "proj")
+    (work / "typo.yaml").write_text("trian:\n  seed: 3\n")
+    out = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1", "--configfile", "typo.yaml"],
+                         cwd=work, capture_output=True, text=True)
+    assert out.returncode != 0 and "'trian' (did you mean 'train'?)" in out.stdout + out.stderr
