@@ -682,7 +682,18 @@ def summary_metrics(data: ReportData) -> dict:
 
 # ---------------------------------------------------------------------- markdown
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text for a Markdown line or table cell: raw HTML in a caption must not reach viewers that render it."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\n", " "))
+
+
+def _md_code(text: str) -> str:
+    """A Markdown code span that holds any text, backticks included (CommonMark: a longer fence)."""
+    text = str(text).replace("\n", " ")
+    run = max((len(r) for r in re.findall(r"`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
 
 
 def table_markdown(table: Table) -> str:
@@ -764,9 +775,9 @@ def render_markdown(data: ReportData, main: Table, idents: Table, published: Tab
         out += [f"Seeded sample (seed {data.cfg.get('seed')}) of {len(examples)} test captions; each method's "
                 f"top-{k} images, the gold image marked ✓ (thumbnails in comparison.html).", ""]
         for ex in examples:
-            out += [f"**“{_md_escape(ex.caption)}”** — gold: `{ex.gold}`", ""]
+            out += [f"**“{_md_escape(ex.caption)}”** — gold: {_md_code(ex.gold)}", ""]
             for name, ranked in ex.ranked.items():
-                items = [f"{'✓ ' if img == ex.gold else ''}`{img}`" for img in ranked]
+                items = [f"{'✓ ' if img == ex.gold else ''}{_md_code(img)}" for img in ranked]
                 where = ex.gold_rank[name]
                 tail = f" (gold at rank {where})" if where and where > len(ranked) else (
                     "" if where else f" (gold not in its top {ex.depth[name]})")

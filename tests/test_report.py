@@ -560,3 +560,22 @@ def test_every_row_says_what_it_learned_from_and_whether_a_dense_score_ranked_it
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
     assert metrics["avg-gen"]["uses_dense_score"] and not metrics["avg-disc"]["uses_dense_score"]
     assert "beta = 5.00 chosen on val (16 captions)" in (out / "comparison.md").read_text()
+
+
+def test_markdown_never_carries_a_captions_raw_html_and_code_spans_survive_backticks(tmp_path, fast_figures):
+    """comparison.md is rendered by many viewers: a caption's <script> / <img onerror> must arrive as text,
+    and an image name with backticks must stay one code span."""
+    assert R._md_escape('<img src=x onerror="alert(1)"> & <script>') == \
+        '&lt;img src=x onerror="alert(1)"&gt; &amp; &lt;script&gt;'
+    assert R._md_code("a`b.png") == "``a`b.png``" and R._md_code("`x`") == "`` `x` ``"
+    fx = build_fixture(tmp_path)
+    for path in fx["evals"]:
+        tsv = Path(path).with_name(Path(path).name.removesuffix(".json") + ".rankings.tsv")
+        if tsv.exists():
+            import pandas as pd
+
+            frame = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype=str)
+            frame["caption"] = '<img src=x onerror="alert(1)"><script>alert(2)</script> a dog'
+            frame.to_csv(tsv, sep="\t", index=False)
+    md = (run_report(fx) / "comparison.md").read_text()
+    assert "<script>" not in md and "<img src=x" not in md and "&lt;script&gt;alert(2)&lt;/script&gt; a dog" in md
