@@ -291,10 +291,21 @@ class VokenModel:
         meta_path = ckpt_dir / VOKENS_FILE
         if not meta_path.exists():
             raise FileNotFoundError(f"{ckpt_dir} is not an avg checkpoint (no {VOKENS_FILE}): run `avg train` first")
-        meta = json.loads(meta_path.read_text())
-        model = AutoModelForSeq2SeqLM.from_pretrained(ckpt_dir)
+        try:
+            meta = json.loads(meta_path.read_text())
+            spec = VokenSpec(**meta["spec"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path} is corrupt ({exc.__class__.__name__}: {exc}): the checkpoint is incomplete; "
+                             "rerun `avg train`") from None
+        from safetensors import SafetensorError
+
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(ckpt_dir)
+        except (SafetensorError, OSError, RuntimeError) as exc:   # truncated or missing weights
+            raise ValueError(f"{ckpt_dir}: the model weights could not be read ({exc.__class__.__name__}: "
+                             f"{str(exc)[:200]}): the checkpoint is incomplete or corrupt; rerun `avg train`") from None
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        vm = cls(model, tokenizer, VokenSpec(**meta["spec"]), ModelConfig.from_dict(meta["model"]))
+        vm = cls(model, tokenizer, spec, ModelConfig.from_dict(meta["model"]))
         if vm.reads_embedding:
             if not (ckpt_dir / PREFIX_FILE).is_file():
                 raise FileNotFoundError(f"{ckpt_dir} reads the query embedding but has no {PREFIX_FILE}: "

@@ -186,7 +186,10 @@ def main(args) -> int:
     checkpoint, identifiers, images_root = _paths(args)
     if not (Path(checkpoint) / "avg_vokens.json").exists():
         return fail(f"no trained checkpoint at {checkpoint}: run `avg train` (or pass --checkpoint DIR)")
-    if not Path(identifiers).exists():
+    if Path(identifiers).is_dir():
+        return fail(f"{identifiers} is a folder, not an identifier table: pass --identifiers "
+                    "data/<dataset>/identifiers/<scheme>.tsv")
+    if not Path(identifiers).is_file():
         return fail(f"no identifier table at {identifiers}: run `avg identifiers` (or pass --identifiers TSV)")
     if args.split not in ("all", "train", "val", "test"):
         return fail(f"--split must be all, train, val or test (got {args.split!r})")
@@ -197,7 +200,7 @@ def main(args) -> int:
         features = getattr(args, "features", None) or Path(args.data_root) / args.dataset / "features"
         results = search(query, checkpoint, identifiers, images_root, args.k, args.beams, args.split, args.device,
                          rerank=args.rerank, features=features)
-    except (QueryError, ValueError, UserError) as exc:
+    except (QueryError, ValueError, UserError) as exc:     # a corrupt checkpoint: VokenModel.load names the file
         return fail(str(exc))
     if args.json:
         print(json.dumps({"query": query, "k": args.k, "checkpoint": str(checkpoint), "identifiers": str(identifiers),

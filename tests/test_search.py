@@ -185,3 +185,25 @@ def test_a_checkpoint_that_reads_the_embedding_gets_the_query_embedded_like_the_
     assert [r["image"] for r in got] == [table["image"][i] for i in want.values[0]]
     assert search.main(parse(argv[:-1] + [str(tmp_path / "nowhere")])) == 2
     assert "reads the query embedding" in capsys.readouterr().err
+
+
+def test_broken_checkpoints_and_wrong_paths_exit_2_naming_the_file(dataset, tmp_path, capsys):
+    """Issue 15 (11): a truncated checkpoint, a corrupt avg_vokens.json, a folder as --identifiers: messages, not tracebacks."""
+    import shutil
+
+    root, _ = dataset
+    base = ["a red boat", "--dataset", "toy", "--data-root", str(root)]
+    assert search.main(parse(base + ["--identifiers", str(root / "toy" / "identifiers")])) == 2
+    assert "is a folder, not an identifier table" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "toy" / "checkpoints" / "avg", broken)
+    (broken / "avg_vokens.json").write_text("{not json")
+    assert search.main(parse(base + ["--checkpoint", str(broken)])) == 2
+    err = capsys.readouterr().err
+    assert "avg_vokens.json is corrupt" in err and "rerun `avg train`" in err
+    shutil.copy(root / "toy" / "checkpoints" / "avg" / "avg_vokens.json", broken / "avg_vokens.json")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert search.main(parse(base + ["--checkpoint", str(broken)])) == 2
+    err = capsys.readouterr().err
+    assert "model weights could not be read" in err and str(broken) in err
