@@ -155,18 +155,29 @@ def set_dotted(cfg: dict, dotted: str, value, where: str) -> None:
     node[last] = value
 
 
+def unread_train_keys(recipe: Recipe) -> list[str]:
+    """Sub-slices of params/train.yaml a trained recipe's stage never reads: the other stage's, and
+    ``pseudo_queries`` without pseudo-queries. Both front doors leave them out, so changing them reruns
+    nothing here (a generative stage is not retrained for ``train.discriminative.lr``)."""
+    other = "discriminative" if recipe.kind == "generative" else "generative"
+    return [other] + ([] if recipe.pseudo_queries else ["pseudo_queries"])
+
+
 def train_config(config: dict, recipe: Recipe | str) -> dict:
-    """params/train.yaml's slice as ``recipe`` trains with it: its overrides applied, and
-    ``pseudo_queries`` kept only when the recipe uses them (so that slice reruns only the -pq recipes)."""
+    """params/train.yaml's slice as ``recipe`` trains with it: its overrides applied, and what its stage
+    does not read (:func:`unread_train_keys`) left out."""
     if isinstance(recipe, str):
         recipe = load(config)[recipe]
     if not recipe.trained:
         raise _bad(f"methods.recipes.{recipe.name} is kind {recipe.kind}: nothing to train")
     cfg = copy.deepcopy(config["train"])
+    unread = unread_train_keys(recipe)
     for k, v in recipe.train.items():
+        if k.split(".")[0] in unread:     # e.g. discriminative.* on a generative recipe: its child reads it
+            continue
         set_dotted(cfg, k, v, f"methods.recipes.{recipe.name}.train")
-    if not recipe.pseudo_queries:
-        cfg.pop("pseudo_queries", None)
+    for k in unread:
+        cfg.pop(k, None)
     from avg import params
 
     params.validate("train", cfg, f"{FILE} (methods.recipes.{recipe.name}.train over params/train.yaml)")

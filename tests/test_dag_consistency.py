@@ -124,8 +124,16 @@ def test_render_follows_the_recipes(tmp_path):
     pq = stages["train_discriminative_kmeans-pq"]
     assert "--recipe kmeans-pq" in pq["cmd"] and "--init-from data/${data.name}/checkpoints/kmeans-pq-gen" in pq["cmd"]
     assert {"params/methods.yaml": ["methods.recipes.kmeans-pq-gen", "methods.recipes.kmeans-pq"]} in pq["params"]
-    assert any("train" in p.get("params/train.yaml", []) for p in stages["train_generative_kmeans-pq-gen"]["params"])
-    assert not any("train.pseudo_queries" in p.get("params/train.yaml", []) for p in stages["train_generative_kmeans-gen"]["params"])
+    def keys(name, file="params/train.yaml"):
+        return {k for p in stages[name]["params"] for k in p.get(file, [])}
+    # each stage tracks the keys it reads: the other stage's slice and unused pseudo-queries are left out
+    assert {"train.pseudo_queries", "train.generative"} <= keys("train_generative_kmeans-pq-gen")
+    assert "train.discriminative" not in keys("train_generative_kmeans-pq-gen")
+    assert {"train.discriminative", "train.pseudo_queries"} <= keys("train_discriminative_kmeans-pq")
+    assert "train.generative" not in keys("train_discriminative_kmeans-pq")
+    assert not {"train.pseudo_queries", "train.discriminative"} & keys("train_generative_kmeans-gen")
+    assert "identifiers.kmeans" in keys("identifiers_kmeans", "params/identifiers.yaml")
+    assert not {"identifiers.kmeans", "identifiers.atomic"} & keys("identifiers_avg", "params/identifiers.yaml")
     assert "train_generative_avg-pq-gen" not in stages and "train_generative_rq-gen" not in stages
     assert "evaluate_kmeans-pq-gen" in stages          # what a listed recipe continues is evaluated and reported too
     # rerank and fusion read their source's rankings; the fusion also its checkpoint (beta is chosen on val)

@@ -127,6 +127,19 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
     assert touched == {"avg-ix-pq-gen"}, touched
     assert dvc_changed(work) == {"train_generative_avg-ix-pq-gen"}
     set_param(p / "train.yaml", "train.pseudo_queries.per_image", 5)
+    # a key only the discriminative stage reads retrains no generative stage (issue 15: 7.5 GPU-hours at
+    # paper scale), and one scheme's identifiers keys do not touch another scheme's
+    set_param(p / "train.yaml", "train.discriminative.lr", 0.0002)
+    touched = {o.split("/")[-1] for o in planned_outputs(work) if "/checkpoints/" in o}
+    assert touched == {"atomic", "kmeans", "rq", "avg"}, touched
+    assert dvc_changed(work) == {f"train_discriminative_{s}" for s in ("atomic", "kmeans", "rq", "avg")}
+    set_param(p / "train.yaml", "train.discriminative.lr", 0.0001)
+    set_param(p / "identifiers.yaml", "identifiers.kmeans.iters", 10)
+    touched = {o.split("/")[-1] for o in planned_outputs(work) if "/identifiers/" in o}
+    assert touched == {"kmeans.tsv", "kmeans.json", "kmeans.codebook.npy"}, touched
+    assert dvc_changed(work) == {"identifiers_kmeans"}
+    set_param(p / "identifiers.yaml", "identifiers.kmeans.iters", 25)
+    assert planned_jobs(work) == set()
     # a recipe's own overrides rerun that recipe's chain only, in both front doors
     set_param(p / "methods.yaml", "methods.recipes.avg-ix-pq-gen.train", {"model.reads": "both", "indexing": True,
                                                                          "augment.mixup_prob": 0.25})

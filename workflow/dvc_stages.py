@@ -48,7 +48,7 @@ def render(params_dir: Path) -> dict:
     def slice_(step: str) -> dict:
         return yaml.safe_load((params_dir / f"{step}.yaml").read_text())[step]
 
-    train, evaluate = slice_("train"), slice_("evaluate")
+    train, evaluate, ident = slice_("train"), slice_("evaluate"), slice_("identifiers")
     config = {"train": train, "methods": slice_("methods")}
     m = recipes.load(config)
     only = ("dense", "generative", "rerank", "fusion")    # evaluate.<x> read by some evaluation stages only
@@ -82,9 +82,11 @@ def render(params_dir: Path) -> dict:
             deps.append("avg/tokenizer.py")
             tok_arg = f" --tokenizer {D}/tokenizer/{scheme}"
         outs = [f"{ids}.tsv"] + ([] if scheme == "atomic" else [f"{ids}.codebook.npy"])
+        # each scheme tracks its own sub-slice only (identifiers.kmeans.iters does not rerun avg's)
+        own = _params_except("identifiers", ident, *[s for s in ("atomic", "kmeans") if s != scheme])
         stages[f"identifiers_{scheme}"] = stage(
             f"avg identifiers --params params/identifiers.yaml --features {D}/features --scheme {scheme}{tok_arg} "
-            f"--out {D}/identifiers", deps, _params("identifiers"), outs, [f"{ids}.json"])
+            f"--out {D}/identifiers", deps, own, outs, [f"{ids}.json"])
     for name in m.of_kind("generative", "discriminative"):
         stages.update(training_stage(m, name, list(train)))
     for name in m.evaluated:
@@ -157,7 +159,7 @@ def training_stage(m, name: str, train_keys: list[str]) -> dict[str, dict]:
     code = TRAIN_CODE + (["avg/pseudo_queries.py"] if r.pseudo_queries else [])
     base = (f"avg train --params params/train.yaml --methods params/methods.yaml --recipe {name} "
             f"--features {D}/features --identifiers {ids}.tsv")
-    train = _params("train") if r.pseudo_queries else _params_except("train", train_keys, "pseudo_queries")
+    train = _params_except("train", train_keys, *recipes.unread_train_keys(r))
     params = train + [{"params/methods.yaml": [f"methods.recipes.{n}" for n in recipes.chain_names(m, name)]}]
     out = f"{D}/checkpoints/{name}"
     if r.kind == "generative":

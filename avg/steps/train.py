@@ -316,6 +316,9 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                                  Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"].get("file") else None])
     ckpt = T.Checkpointer(state_dir, fp)
     val_cfg = T.ValConfig.from_dict(cfg["validation"])
+    if args.stage not in cfg:
+        raise UserError(f"--stage {args.stage} needs the train.{args.stage} slice of params/train.yaml; it is missing "
+                        "from the params given")
     d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}
     if args.stage == "generative":
         result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(d), val_cfg, log, ckpt, cfg["seed"], augment)

@@ -42,7 +42,7 @@ rule identifiers:
     log:
         f"logs/{DATASET}/identifiers_{{scheme}}.log",
     params:
-        cfg=cfg_json("identifiers"),
+        cfg=lambda wildcards: cfg_json("identifiers", drop=[s for s in ("atomic", "kmeans") if s != wildcards.scheme]),
         tokenizer=lambda wildcards, input: f"--tokenizer {input.tokenizer}" if "tokenizer" in input.keys() else "",
         outdir=lambda wildcards, output: os.path.dirname(output.table),
     threads: 1
@@ -64,7 +64,7 @@ rule identifiers_atomic:
     log:
         f"logs/{DATASET}/identifiers_atomic.log",
     params:
-        cfg=cfg_json("identifiers"),
+        cfg=cfg_json("identifiers", drop=("kmeans",)),
         outdir=lambda wildcards, output: os.path.dirname(output.table),
     threads: 1
     resources:

@@ -7,10 +7,9 @@ def identifier_files(scheme):
 
 
 def train_cfg(wildcards):
-    """The train slice a recipe reads (train.pseudo_queries only for recipes that use pseudo-queries, so it
-    reruns only those) and the recipe's own chain from params/methods.yaml; avg train merges the two."""
-    recipe = RECIPES[wildcards.name]
-    return cfg_json("train", drop=() if recipe.pseudo_queries else ("pseudo_queries",))
+    """The train slice as the recipe's stage reads it (avg.methods.train_config: its overrides applied, the
+    other stage's slice and unused pseudo_queries left out, so changing those reruns nothing here)."""
+    return json.dumps(recipes.train_config(config, wildcards.name), sort_keys=True)
 
 
 def recipe_json(wildcards):
