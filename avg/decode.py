@@ -116,10 +116,11 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
             else:
                 # the reference path encodes the captions through the model's own encoder (no cache, no
                 # lean encoder); a query prefix is handed to generate() as precomputed encoder outputs
-                enc = vm.tokenize(batch) if vm.reads_tokens else None
                 if vm.reads_embedding:
-                    hidden, mask = vm.query_states(batch, q) if enc is None else _prefixed(vm, enc, q)
+                    hidden, mask = vm.query_states(batch, q, lean=False)
                     enc = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "attention_mask": mask}
+                else:
+                    enc = vm.tokenize(batch)
                 seqs, seq_scores = _beam_search(vm, enc, processors, num_beams, length)
                 seqs = seqs.view(b, num_beams, length).cpu().numpy()
                 seq_scores = seq_scores.view(b, num_beams).double().cpu().numpy()
@@ -203,14 +204,6 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     values = torch.as_tensor(trie.values, device=device)[leaf].long()
     values = torch.where(node >= 0, values, torch.full_like(values, -1))
     return tokens.view(b, width, length), beam_scores, values.view(b, width)
-
-
-def _prefixed(vm: VokenModel, enc: dict[str, torch.Tensor], queries: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query prefix + the model's own encoder states (reads=both, reference path)."""
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=vm.device)
-    p = vm.prefix(q)
-    hidden, mask = vm.encode_states(enc)
-    return torch.cat([p.to(hidden.dtype), hidden], 1), torch.cat([torch.ones(p.shape[:2], dtype=mask.dtype, device=mask.device), mask], 1)
 
 
 class _ModelSteps:

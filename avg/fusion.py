@@ -32,10 +32,6 @@ def fuse(candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, corpus: 
     return np.take_along_axis(candidates, order, 1), np.take_along_axis(fused, order, 1)
 
 
-def selection_score(metrics: dict) -> float:
-    return float(np.mean([metrics[k] for k in ("recall@1", "recall@5", "recall@10") if k in metrics]))
-
-
 def choose_beta(candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, corpus: np.ndarray, gold: np.ndarray,
                 betas: Sequence[float], ks: Sequence[int] = (1, 5, 10)) -> tuple[float, list[dict]]:
     """The grid's beta with the best validation mean recall (smallest on ties), and every beta's figures."""
@@ -46,6 +42,6 @@ def choose_beta(candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, c
         rankings, _ = fuse(candidates, logp, queries, corpus, beta)
         m = M.retrieval_metrics(rankings, gold, ks)
         grid.append({"beta": beta, **{k: m[k] for k in m if k.startswith("recall@")},
-                     "selection": selection_score(m)})
+                     "selection": M.recall_mean(m)})
     best = max(grid, key=lambda g: g["selection"])    # max() keeps the first (smallest beta) of ties
     return best["beta"], grid

@@ -143,15 +143,16 @@ def load(config: dict) -> Methods:
     return Methods(resolved, evaluated)
 
 
-def set_dotted(cfg: dict, dotted: str, value, where: str) -> None:
+def set_dotted(cfg: dict, dotted: str, value, where: str, what: str = "params/train.yaml's train slice") -> None:
+    """Set ``cfg[a][b] = value`` for ``dotted = "a.b"``; a key the slice lacks is an error naming ``where``."""
     *path, last = dotted.split(".")
     node = cfg
     for p in path:
         if not isinstance(node.get(p), dict):
-            raise _bad(f"{where}: {dotted!r} is not a key of params/train.yaml's train slice")
+            raise ParamsError(f"{where}: {dotted!r} is not a key of {what}")
         node = node[p]
     if last not in node:
-        raise _bad(f"{where}: {dotted!r} is not a key of params/train.yaml's train slice")
+        raise ParamsError(f"{where}: {dotted!r} is not a key of {what}")
     node[last] = value
 
 
@@ -175,7 +176,7 @@ def train_config(config: dict, recipe: Recipe | str) -> dict:
     for k, v in recipe.train.items():
         if k.split(".")[0] in unread:     # e.g. discriminative.* on a generative recipe: its child reads it
             continue
-        set_dotted(cfg, k, v, f"methods.recipes.{recipe.name}.train")
+        set_dotted(cfg, k, v, f"{FILE}: methods.recipes.{recipe.name}.train")
     for k in unread:
         cfg.pop(k, None)
     from avg import params
@@ -184,14 +185,16 @@ def train_config(config: dict, recipe: Recipe | str) -> dict:
     return cfg
 
 
+def learned_label(indexing: bool, pseudo_queries: bool) -> str:
+    """What a trained model learned from, worded for tables (design.md §6); the report builds it from a
+    checkpoint's train.json, the benches from a recipe."""
+    return " + ".join(["train captions"] + (["corpus images (indexing)"] if indexing else [])
+                      + (["pseudo-queries"] if pseudo_queries else []))
+
+
 def learned_from(recipe: Recipe) -> str:
-    """What a trained recipe learned from, for tables (design.md §6)."""
-    parts = ["train captions"]
-    if recipe.train.get("indexing"):
-        parts.append("corpus images (indexing)")
-    if recipe.pseudo_queries:
-        parts.append("pseudo-queries")
-    return " + ".join(parts)
+    """What a trained recipe learned from (:func:`learned_label`)."""
+    return learned_label(bool(recipe.train.get("indexing")), recipe.pseudo_queries)
 
 
 def chain_names(methods: Methods, name: str) -> list[str]:
@@ -202,7 +205,8 @@ def chain_names(methods: Methods, name: str) -> list[str]:
     return out[::-1]
 
 
-def chain(config: dict, name: str) -> dict:
-    """A methods slice holding just ``name``'s chain (what the Snakemake rule hands the train step)."""
-    m = load(config)
+def chain(config: dict, name: str, methods: Methods | None = None) -> dict:
+    """A methods slice holding just ``name``'s chain (what the Snakemake rule hands the train step);
+    ``methods``: ``load(config)`` when the caller holds it already."""
+    m = methods or load(config)
     return {"evaluate": [name], "recipes": {n: config["methods"]["recipes"][n] for n in chain_names(m, name)}}

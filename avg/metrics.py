@@ -39,6 +39,12 @@ def median_rank(ranks: np.ndarray) -> float:
     return float(np.median(ranks)) if ranks.size else float("inf")
 
 
+def recall_mean(metrics: dict) -> float:
+    """Mean of the Recall@1/5/10 a metrics dict holds: the validation selection score (steadier than R@1
+    alone on ~100 queries), used by training's epoch choice and by fusion's beta choice."""
+    return float(np.mean([metrics[k] for k in ("recall@1", "recall@5", "recall@10") if k in metrics]))
+
+
 def retrieval_metrics(rankings: np.ndarray, gold: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     ranks = gold_ranks(rankings, gold)
     out = recall_at_k(ranks, ks)

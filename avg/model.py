@@ -196,20 +196,19 @@ class VokenModel:
         return getattr(self.model, PREFIX_ATTR, None)
 
     def query_states(self, captions: Sequence[str], queries: np.ndarray | torch.Tensor | None = None,
-                     cache: "EncoderCache | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cache: "EncoderCache | None" = None, lean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """What the decoder reads for these queries: states ``[b, S, H]`` and mask ``[b, S]``.
 
         ``captions``: caption text (encoded here, or taken from ``cache``); ``queries``: their embeddings
         ``[b, d]`` in the feature store's space, required when the model reads the embedding. Inference
-        (model in eval mode) uses :func:`avg.lean_decoder.encode` for the small model's encoder.
+        (model in eval mode) uses :func:`avg.lean_decoder.encode` for the small model's encoder unless
+        ``lean=False`` (the ``generate`` reference path: the model's own encoder).
         """
         parts, masks = [], []
         if self.reads_embedding:
             if queries is None:
                 raise ValueError(f"this model reads the query embedding (reads={self.config.reads!r}): pass queries")
-            q = torch.as_tensor(np.asarray(queries, dtype=np.float32) if not torch.is_tensor(queries) else queries,
-                                device=self.device, dtype=torch.float32)
-            p = self.prefix(q)
+            p = self.prefix(torch.as_tensor(queries, dtype=torch.float32, device=self.device))
             parts.append(p)
             masks.append(torch.ones(p.shape[:2], dtype=torch.long, device=self.device))
         if self.reads_tokens:
@@ -219,7 +218,7 @@ class VokenModel:
                 from avg.lean_decoder import encode, supports_encoder
 
                 enc = self.tokenize(captions)
-                if supports_encoder(self.model) and not self.model.training:
+                if lean and supports_encoder(self.model) and not self.model.training:
                     hidden, mask = encode(self.model, enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
                 else:
                     hidden, mask = self.encode_states(enc)

@@ -111,7 +111,7 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
     rows, scores = res.values[0], res.scores[0]
     extra = None
     if rerank > 0:
-        rows, scores, extra = _rerank(query, rows, scores, table, features, rerank, device)
+        rows, scores, extra = _rerank(query, rows, scores, table, features, rerank, device, q)
     out = []
     for rank, (row, score) in enumerate(zip(rows[:k], scores[:k]), start=1):
         if row < 0:
@@ -136,8 +136,9 @@ def _embed(query: str, features: Path | None, device: str, why: str):
     return embed_queries(featurestore.load_meta(features), [query], device=str(device))
 
 
-def _rerank(query: str, rows, scores, table, features: Path | None, depth: int, device: str):
-    """Candidates (and beam scores) reordered by the feature inner product; also those products."""
+def _rerank(query: str, rows, scores, table, features: Path | None, depth: int, device: str, q=None):
+    """Candidates (and beam scores) reordered by the feature inner product; also those products.
+    ``q``: the query's embedding when the search made it already (a model that reads it)."""
     import numpy as np
 
     from avg import featurestore
@@ -155,7 +156,8 @@ def _rerank(query: str, rows, scores, table, features: Path | None, depth: int, 
         raise UserError(f"{len(lacking)} image(s) of the identifier table are not in {features} (e.g. {lacking[0]}): "
                         "pass the feature store of the same run with --features")
     corpus = feats.image[[row_of[n] for n in names]]
-    q = embed_queries(feats.meta, [query], device=str(device))
+    if q is None:     # one text encoder load per search, not two
+        q = embed_queries(feats.meta, [query], device=str(device))
     order, products = rerank(np.asarray(rows)[None], q, corpus, depth)
     by_row = {int(r): float(s) for r, s in zip(rows, scores)}
     new_rows = order[0]

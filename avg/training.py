@@ -44,6 +44,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from avg import io
 from avg.device import autocast, autocast_dtype, precision_name
 from avg.decode import evaluate_retrieval, retrieve
+from avg.metrics import recall_mean
 from avg.model import EncoderCache, VokenModel
 from avg.trie import Trie
 
@@ -356,8 +357,7 @@ def validate(vm: VokenModel, val: Pairs, val_cfg: ValConfig, seed: int = 0,
     m, _ = evaluate_retrieval(vm, [val.captions[i] for i in idx], val.gold[idx], val.trie,
                               num_beams=val_cfg.num_beams, batch_size=val_cfg.batch_size, cache=cache,
                               queries=None if val.queries is None else val.queries[idx])
-    rec = [m[k] for k in ("recall@1", "recall@5", "recall@10") if k in m]
-    m["recall_mean"] = float(np.mean(rec))
+    m["recall_mean"] = recall_mean(m)
     return m
 
 

@@ -26,12 +26,9 @@ DEFAULT_RUNS = [["avg", 0, 0], ["avg", 0, 1], ["avg", 5, 0], ["avg", 5, 1]]
 
 
 def set_key(cfg: dict, dotted: str, value) -> None:
-    *path, last = dotted.split(".")
-    for p in path:
-        cfg = cfg[p]
-    if last not in cfg:
-        raise KeyError(f"train.{dotted} is not a key of params/train.yaml")
-    cfg[last] = value
+    from avg.methods import set_dotted
+
+    set_dotted(cfg, dotted, value, "--runs")
 
 
 def run_one(entry: list, base: dict, ev: dict, data: Path, work: Path) -> dict:

@@ -48,13 +48,11 @@ def params_slice(name: str) -> dict:
     return yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())[name]
 
 
-def set_key(cfg: dict, dotted: str, value) -> None:
-    *path, last = dotted.split(".")
-    for p in path:
-        cfg = cfg[p]
-    if last not in cfg:
-        raise KeyError(f"{dotted} is not a key of the params slice")
-    cfg[last] = value
+def recipe_of(run: dict):
+    """The generative recipe a run describes (avg identifiers; its overrides and pseudo-queries)."""
+    from avg.methods import Recipe
+
+    return Recipe(run["name"], "generative", "avg", None, bool(run.get("pq")), dict(run.get("train", {})))
 
 
 def features_dir(seed: int) -> Path:
@@ -87,9 +85,11 @@ def build_identifiers(features: Path, over: dict, work: Path) -> Path:
     table = work / "identifiers" / "avg.tsv"
     if table.exists():
         return table
+    from avg.methods import set_dotted
+
     cfg = params_slice("tokenizer")
     for k, v in over.items():
-        set_key(cfg, k, v)
+        set_dotted(cfg, k, v, "--runs tokenizer", "params/tokenizer.yaml's tokenizer slice")
     TS.run(Namespace(features=features, scheme="avg", out=work / "tokenizer"), cfg, lambda *a: None, "sweep")
     IS.run(Namespace(features=features, scheme="avg", tokenizer=work / "tokenizer", out=work / "identifiers"),
            params_slice("identifiers"), lambda *a: None, "sweep")
@@ -110,11 +110,10 @@ def train_one(job: dict) -> dict:
     from avg.steps import train as TS
     from avg.threads import pin
 
+    from avg.methods import train_config
+
     pin(1)
-    cfg = params_slice("train")
-    cfg["threads"] = 1
-    for k, v in job["train"].items():
-        set_key(cfg, k, v)
+    cfg = train_config({"train": {**params_slice("train"), "threads": 1}}, recipe_of(job["run_spec"]))
     out = Path(job["out"])
     t0 = time.time()
     if not (out / "train.json").exists():
@@ -179,10 +178,10 @@ def write_report(result: dict, stem: Path) -> None:
         tr = [a / b for a, b in zip(t1, dtest)]
         tr_s = f"{statistics.mean(tr):.2f} ± {statistics.stdev(tr):.2f}" if len(tr) > 1 else f"{tr[0]:.2f}"
         vr_s = f"{statistics.mean(vr):.2f} ± {statistics.stdev(vr):.2f}" if len(vr) > 1 else f"{vr[0]:.2f}"
+        from avg.methods import learned_from
+
         over = run.get("train", {})
-        learned = "train captions" + (" + corpus images (indexing)" if over.get("indexing") else "") \
-            + (" + pseudo-queries" if run.get("pq") else "")
-        lines.append(f"| {run['name']} | {learned} | {over.get('model.reads', 'tokens')} | {mean_std(vmean)} | {mean_std(v1)} | "
+        lines.append(f"| {run['name']} | {learned_from(recipe_of(run))} | {over.get('model.reads', 'tokens')} | {mean_std(vmean)} | {mean_std(v1)} | "
                      f"{vr_s} | {mean_std(t1)} | {tr_s} | {mean_std(t10)} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines += ["", "No row's ranking uses a dense score (design.md §6). Runs: " + json.dumps(result["runs"])]
@@ -209,8 +208,8 @@ def main() -> None:
             work = args.work / f"split{s}" / tokenizer_key(run.get("tokenizer", {}))
             ids = build_identifiers(feats[s], run.get("tokenizer", {}), work)
             slug = "".join(ch if ch.isalnum() else "_" for ch in run["name"])
-            jobs.append({"run": run["name"], "split": s, "features": str(feats[s]), "identifiers": str(ids),
-                         "train": run.get("train", {}), "pq": bool(run.get("pq")),
+            jobs.append({"run": run["name"], "run_spec": run, "split": s, "features": str(feats[s]),
+                         "identifiers": str(ids), "pq": bool(run.get("pq")),
                          "out": str(args.work / f"split{s}" / "ckpt" / slug)})
     print(f"{len(jobs)} trainings over {len(args.splits)} splits, {args.jobs} at a time", flush=True)
     rows = []

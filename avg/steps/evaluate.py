@@ -110,6 +110,20 @@ def evaluate_dense(feats: featurestore.Features, cfg: dict) -> tuple[dict, np.nd
     return metrics, rankings, scores
 
 
+def chained_timing(source: dict, own: dict) -> dict:
+    """Timing of a ranking run after another method's retrieval (rerank, fusion): the source's figures
+    plus this step's own (:func:`avg.timing.time_queries`), and the source's checkpoint fields.
+    p95 of the sum is at most the sum of the p95s: the p95 given is that bound."""
+    own_s = 1.0 / own["qps"] if own["qps"] not in (0, float("inf")) else 0.0
+    src_qps = source.get("qps") or float("inf")
+    return {"latency_ms": (source.get("latency_ms") or 0.0) + own["latency_ms"],
+            "latency_ms_median": (source.get("latency_ms_median") or 0.0) + own["latency_ms_median"],
+            "latency_ms_p95": (source.get("latency_ms_p95") or 0.0) + own["latency_ms_p95"],
+            "qps": 1.0 / (1.0 / src_qps + own_s), "timing_batch_size": source.get("timing_batch_size"),
+            "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"),
+            "scheme": source.get("scheme")}
+
+
 def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag: str
                 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Another method's eval json and its rankings as arrays over ``feats``' corpus rows:
@@ -185,14 +199,8 @@ def evaluate_fused(source_json: Path, checkpoint: Path, identifiers: Path, store
     fu = time_queries(lambda rows: fusion.fuse(candidates[rows[:, 0]], logp[rows[:, 0]], test.text[rows[:, 0]],
                                                test.image, beta),
                       idx[:, None], cfg["latency_queries"], cfg["batch_size"])
-    fuse_s = 1.0 / fu["qps"] if fu["qps"] not in (0, float("inf")) else 0.0
-    src_qps = source.get("qps") or float("inf")
     metrics.update({
-        "latency_ms": (source.get("latency_ms") or 0.0) + fu["latency_ms"],
-        "latency_ms_median": (source.get("latency_ms_median") or 0.0) + fu["latency_ms_median"],
-        "latency_ms_p95": (source.get("latency_ms_p95") or 0.0) + fu["latency_ms_p95"],   # a bound: sum of p95s
-        "qps": 1.0 / (1.0 / src_qps + fuse_s), "timing_batch_size": source.get("timing_batch_size"),
-        "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"), "scheme": source.get("scheme"),
+        **chained_timing(source, fu),
         "fusion": {"from": source.get("method"), "from_json": str(source_json), "beta": beta, "chosen_on": "val",
                    "val_grid": grid, "n_val_queries": int(len(val.captions)),
                    "score": "beam log-probability + beta * inner product of the caption and image features",
@@ -218,15 +226,8 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
     idx = np.arange(len(queries))
     rr = time_queries(lambda rows: rerank(candidates[rows[:, 0]], queries[rows[:, 0]], corpus, depth),
                       idx[:, None], cfg["latency_queries"], cfg["batch_size"])
-    rerank_s = 1.0 / rr["qps"] if rr["qps"] not in (0, float("inf")) else 0.0
-    src_qps = source.get("qps") or float("inf")
     metrics.update({
-        "latency_ms": (source.get("latency_ms") or 0.0) + rr["latency_ms"],
-        "latency_ms_median": (source.get("latency_ms_median") or 0.0) + rr["latency_ms_median"],
-        # p95 of the sum is at most the sum of the p95s: this is that bound
-        "latency_ms_p95": (source.get("latency_ms_p95") or 0.0) + rr["latency_ms_p95"],
-        "qps": 1.0 / (1.0 / src_qps + rerank_s), "timing_batch_size": source.get("timing_batch_size"),
-        "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"), "scheme": source.get("scheme"),
+        **chained_timing(source, rr),
         "rerank": {"from": source.get("method"), "from_json": str(source_json), "depth": depth,
                    "score": "inner product of the caption and image features (the dense baseline's score)",
                    "source_recall": {k: source.get(k) for k in source if k.startswith("recall@")},

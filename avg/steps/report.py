@@ -277,11 +277,10 @@ def provenance(metrics: dict, stages: list[dict]) -> tuple[str, str, bool]:
     from its eval json and its checkpoint's train.json chain (no name parsing)."""
     if metrics.get("method") == "dense" or (not stages and not metrics.get("checkpoint")):
         return "train captions (features step)", "dense score", True
-    parts = ["train captions"]
-    if any(st.get("indexing") for st in stages):
-        parts.append("corpus images (indexing)")
-    if any(isinstance(st.get("pseudo_queries"), dict) for st in stages):
-        parts.append("pseudo-queries")
+    from avg.methods import learned_label
+
+    learned = learned_label(any(st.get("indexing") for st in stages),
+                            any(isinstance(st.get("pseudo_queries"), dict) for st in stages))
     reads = READS.get(str((stages[-1] if stages else {}).get("reads") or "tokens"), "")
     if isinstance(metrics.get("fusion"), dict):
         rank, dense = f"generative + {R.fmt_number(metrics['fusion'].get('beta'))} x dense score (fusion, beta on val)", True
@@ -289,7 +288,7 @@ def provenance(metrics: dict, stages: list[dict]) -> tuple[str, str, bool]:
         rank, dense = f"generative, top {metrics['rerank'].get('depth')} reranked by dense score", True
     else:
         rank, dense = "generative (no dense score)", False
-    return " + ".join(parts), f"{rank}; {reads}" if reads else rank, dense
+    return learned, f"{rank}; {reads}" if reads else rank, dense
 
 
 def method_runs(r: R.MethodResult) -> list[tuple[str, str]]:

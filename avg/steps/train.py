@@ -295,7 +295,8 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         n_indexing = 0
         if split == "train" and pq_table is not None:
             part = with_pseudo_queries(part, names, pq_table, image_codes)
-            names = names + [n for n in dict.fromkeys(pq_table["image"]) if n not in set(names)]
+            have = set(names)     # the images with_pseudo_queries appended, in its order
+            names = names + [n for n in dict.fromkeys(pq_table["image"]) if n not in have]
         if split == "train" and indexing:
             part, names = with_indexing(part, names, feats, image_codes)
             n_indexing = len(feats.images)

@@ -17,7 +17,7 @@ def one_of(names):
 
 def recipe_chain(name):
     """params/methods.yaml cut down to one recipe and the ones it continues (avg.methods.chain)."""
-    return recipes.chain(config, name)
+    return recipes.chain(config, name, M)
 
 
 def GPU(step):

@@ -9,7 +9,7 @@ def identifier_files(scheme):
 def train_cfg(wildcards):
     """The train slice as the recipe's stage reads it (avg.methods.train_config: its overrides applied, the
     other stage's slice and unused pseudo_queries left out, so changing those reruns nothing here)."""
-    return json.dumps(recipes.train_config(config, wildcards.name), sort_keys=True)
+    return json.dumps(recipes.train_config(config, RECIPES[wildcards.name]), sort_keys=True)
 
 
 def recipe_json(wildcards):
