@@ -32,5 +32,5 @@ bench: install
 	python bench/bench_decoding.py
 
 # dvc.yaml is rendered from params/ (one stage per step, scheme and method recipe).
-dvc.yaml: params/methods.yaml params/train.yaml workflow/dvc_stages.py
+dvc.yaml: params/methods.yaml params/train.yaml params/features.yaml workflow/dvc_stages.py
 	python workflow/dvc_stages.py

@@ -72,3 +72,19 @@ def load(in_dir: str | Path) -> Features:
     images = pd.read_csv(in_dir / "images.csv", keep_default_na=False)
     captions = pd.read_csv(in_dir / "captions.csv", keep_default_na=False)
     return Features(np.load(in_dir / "image.npy"), images, np.load(in_dir / "text.npy"), captions, io.read_json(meta_path))
+
+
+def image_aliases(keys: list[str]) -> dict[str, str]:
+    """alias -> image key: the key, its file name, its stem (and COCO's number); an alias that two images share
+    is left out, so it matches nothing rather than the wrong image."""
+    seen: dict[str, set[str]] = {}
+    for key in keys:
+        name = Path(key).name
+        stem = Path(name).stem
+        tail = stem.rsplit("_", 1)[-1]
+        # COCO's numeric ids: COCO_val2014_000000391895.jpg is image_id 391895
+        for alias in {key, name, stem} | ({str(int(tail))} if tail.isdigit() else set()):
+            seen.setdefault(alias, set()).add(key)
+    out = {alias: next(iter(owners)) for alias, owners in seen.items() if len(owners) == 1}
+    out.update({k: k for k in keys})  # an exact key always wins
+    return out

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, BertConfig, BertLMHeadModel, BertModel,
+from transformers import (AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, BertConfig, BertLMHeadModel,
                           EncoderDecoderModel)
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -410,12 +410,16 @@ def _attach_prefix(vm: VokenModel) -> QueryPrefix:
 def _build_minilm(cfg: ModelConfig, position_sizes: list[int]) -> VokenModel:
     enc_path = cfg.encoder or default_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(enc_path)
+    # Any text encoder transformers knows (BERT, RoBERTa, DistilBERT, ...) through AutoModel; the default
+    # all-MiniLM-L6-v2 is a BertModel, the one the lean inference path (avg.lean_decoder) speeds up.
     if cfg.encoder_init == "pretrained":
         # fp32 master weights whatever dtype the checkpoint was saved in (the decoder is fp32 too)
-        encoder = BertModel.from_pretrained(enc_path, dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(enc_path, dtype=torch.float32)
     else:
-        enc_cfg = BertConfig.from_pretrained(enc_path, **cfg.encoder_overrides)
-        encoder = BertModel(enc_cfg)
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(enc_path, **cfg.encoder_overrides))
+    if getattr(encoder.config, "is_encoder_decoder", False) or not hasattr(encoder.config, "hidden_size"):
+        raise ValueError(f"train.model.encoder {enc_path} loads as {type(encoder).__name__}: the minilm backbone "
+                         "needs a text encoder (BERT-like); use backbone: t5 for an encoder-decoder checkpoint")
     spec = VokenSpec(position_sizes, cfg.shared_vokens, first_id=N_SPECIAL)
     dec_cfg = BertConfig(
         vocab_size=N_SPECIAL + spec.n_vokens, hidden_size=cfg.decoder_hidden, num_hidden_layers=cfg.decoder_layers,

@@ -103,14 +103,9 @@ def read_authors_json(path: Path, images: list[str]) -> pd.DataFrame:
         layout = '{"image_id": ..., "caption": [...]}'
         raise UserError(f"{path}: expected a list of {layout} entries (the AVG authors' pseudo_query.json "
                         "layout), or use a CSV with columns image, caption")
-    by_name: dict[str, str] = {}
-    for key in images:
-        name = Path(key).name
-        stem = Path(name).stem
-        tail = stem.rsplit("_", 1)[-1]
-        # COCO's numeric ids: COCO_val2014_000000391895.jpg is image_id 391895
-        for alias in (key, name, stem) + ((str(int(tail)),) if tail.isdigit() else ()):
-            by_name.setdefault(alias, key)
+    from avg.featurestore import image_aliases
+
+    by_name = image_aliases(images)
     rows, unknown = [], []
     for e in doc:
         ident = str(e["image_id"])

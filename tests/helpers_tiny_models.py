@@ -58,3 +58,30 @@ def make_tiny_clip(folder: str | os.PathLike, *, seed: int = 0, image_size: int 
         CLIPImageProcessorPil(size={"shortest_edge": image_size},
                               crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+def make_tiny_siglip(folder: str | os.PathLike, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                     hidden: int = 32, layers: int = 2, max_length: int = 16) -> Path:
+    """Save a tiny random SiglipModel (+ a tokenizer, + SigLIP's PIL image processor config) into ``folder``.
+
+    The tokenizer is the tiny CLIP one: SigLIP's own is a SentencePiece model, which needs a package the
+    project does not install; ``AutoTokenizer`` reads whichever class the folder names, as on the hub.
+    """
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    folder = Path(folder)
+    tokenizer = make_tiny_clip_tokenizer(max_length)
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2)
+    config = SiglipConfig(
+        text_config=dict(common, vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id),
+        vision_config=dict(common, image_size=image_size, patch_size=patch_size),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SiglipModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder

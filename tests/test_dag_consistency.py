@@ -169,3 +169,22 @@ def test_fresh_clone_with_committed_report_still_builds_everything(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     planned = {l.split()[1].rstrip(":") for l in (out.stdout + out.stderr).splitlines() if l.startswith(("rule ", "localrule "))}
     assert {"download", "features", "train_generative", "evaluate_generative", "report"} <= planned, planned
+
+
+def test_a_precomputed_feature_folder_is_an_input_of_both_front_doors(tmp_path):
+    """Editing embeddings made elsewhere (or their caption file) must rerun the features step in both tools."""
+    sys.path.insert(0, str(REPO / "workflow"))
+    import dvc_stages
+
+    work = copy_project(tmp_path / "w")
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    (emb / "flickr_captions.json").write_text("{}")
+    text = (work / "params" / "features.yaml").read_text()
+    text = text.replace("encoder: offline", f"encoder: precomputed:{emb}")
+    text = text.replace("caption_file: null", f"caption_file: {emb / 'flickr_captions.json'}")
+    (work / "params" / "features.yaml").write_text(text)
+    features = next(j for j in snakemake_jobs(work) if j["rule"] == "features")
+    assert {str(emb), str(emb / "flickr_captions.json")} <= features["input"]
+    deps = dvc_stages.render(work / "params")["stages"]["features"]["deps"]
+    assert str(emb) in deps and str(emb / "flickr_captions.json") in deps

@@ -8,7 +8,7 @@ from avg import featurestore, params
 from avg.cli import main
 from avg.datasets import folder
 from conftest import REPO, make_folder_dataset
-from helpers_tiny_models import make_tiny_clip
+from helpers_tiny_models import make_tiny_clip, make_tiny_siglip
 
 
 @pytest.fixture
@@ -40,6 +40,35 @@ def test_features_step_with_local_clip(tmp_path, raw):
     test = f.split("test")
     assert set(test.images["split"]) == {"test"} and len(test.captions) == 2 * len(test.images)
     assert f.meta["sacred_run_id"] == "features/1" and f.meta["encoder"].startswith("clip:")
+
+
+@pytest.mark.parametrize("make, dim, model_type", [(make_tiny_clip, 16, "clip"), (make_tiny_siglip, 32, "siglip")])
+def test_features_step_through_hf_on_clip_and_siglip(tmp_path, raw, make, dim, model_type):
+    """Any transformers dual encoder loads through `hf:` (AutoModel), and new queries land on the store's captions."""
+    model = make(tmp_path / model_type, seed=0)
+    rc = main(["features", "--params-json", json.dumps(_cfg(f"hf:{model}")), "--raw", str(raw),
+               "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    f = featurestore.load(tmp_path / "f")
+    assert f.image.shape == (10, dim) and f.text.shape == (20, dim)
+    assert np.allclose(np.linalg.norm(f.text, axis=1), 1, atol=1e-5)
+    assert f.meta["encoder"] == f"hf:{model}" and f.meta["hf"]["model_type"] == model_type
+    _query_rows_match_the_store(tmp_path / "f")
+
+
+def test_a_model_without_image_and_text_features_is_refused(tmp_path, raw, capsys):
+    from transformers import BertConfig, BertModel
+
+    from helpers_tiny_models import make_tiny_clip_tokenizer
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=600, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+    make_tiny_clip_tokenizer().save_pretrained(folder)
+    rc = main(["features", "--params-json", json.dumps(_cfg(f"hf:{folder}")), "--raw", str(raw),
+               "--out", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "BertModel" in err and "get_image_features" in err and "dual encoder" in err
 
 
 def test_unloadable_clip_model_is_a_clear_error(tmp_path, raw, capsys):

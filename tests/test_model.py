@@ -173,3 +173,36 @@ def test_t5_reads_the_query_embedding_and_keeps_it_through_a_checkpoint(tiny_t5,
     vm.save(tmp_path / "ckpt")
     back = VokenModel.load(tmp_path / "ckpt")
     np.testing.assert_allclose(retrieve(back, caps, trie, num_beams=5, queries=q).scores, fast.scores, atol=1e-5)
+
+
+def test_minilm_backbone_loads_any_text_encoder_through_automodel(tmp_path):
+    """train.model.encoder may name a non-BERT encoder (here a tiny DistilBERT): it loads through AutoModel, trains
+    a step, and its checkpoint decodes the same after a reload (the lean encoder path is BERT-only and steps aside)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from avg import lean_decoder
+    from tests.helpers_tiny_models import make_tiny_clip_tokenizer
+
+    folder = tmp_path / "distilbert"
+    tok = make_tiny_clip_tokenizer(32)
+    DistilBertModel(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=40, pad_token_id=tok.pad_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = ModelConfig(**{**TINY, "encoder_init": "pretrained", "encoder_overrides": {}}, encoder=str(folder),
+                      voken_init="random")
+    vm = build_model(cfg, [4, 4], seed=1)
+    assert type(vm.model.encoder).__name__ == "DistilBertModel" and not lean_decoder.supports_encoder(vm.model)
+    codes = np.array([[0, 1], [2, 3], [3, 3], [1, 0]])
+    trie = token_trie(vm, codes)
+    vm.model.train()
+    batch = vm.tokenizer(["a red apple", "a dog"], padding=True, return_tensors="pt")
+    labels = torch.as_tensor(vm.spec.codes_to_tokens(codes[:2]))
+    loss = vm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss) and vm.model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    vm.model.eval()
+    before = retrieve(vm, ["a red apple", "a dog"], trie, num_beams=3)
+    vm.save(tmp_path / "ckpt")
+    after = retrieve(VokenModel.load(tmp_path / "ckpt"), ["a red apple", "a dog"], trie, num_beams=3)
+    assert np.array_equal(before.values, after.values)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-5)

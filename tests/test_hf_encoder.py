@@ -1,4 +1,5 @@
-"""The real CLIP feature path on a tiny random CLIP saved with save_pretrained, and the device helpers."""
+"""The real dual-encoder feature path (`hf:`) on tiny random CLIP / SigLIP models saved with save_pretrained,
+and the device helpers."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from avg import device as devices  # noqa: E402
-from avg.encoders.clip import ClipEncoder, ModelLoadError, load_rgb  # noqa: E402
+from avg.encoders.hf import DualEncoder, ModelLoadError, load_rgb  # noqa: E402
 
-try:
-    from helpers_tiny_models import make_tiny_clip
-except ImportError:  # tests/ imported as a package
-    from tests.helpers_tiny_models import make_tiny_clip
+from tests.helpers_tiny_models import make_tiny_clip, make_tiny_siglip  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -35,8 +33,8 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_clip_dir) -> ClipEncoder:
-    return ClipEncoder(str(tiny_clip_dir), device="cpu", precision="auto", num_workers=2)
+def encoder(tiny_clip_dir) -> DualEncoder:
+    return DualEncoder(str(tiny_clip_dir), device="cpu", precision="auto", num_workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def test_embeddings_are_normalised_float32_rows_of_dim(encoder, images):
 
 
 def test_deterministic_across_calls_and_reloads(encoder, tiny_clip_dir, images):
-    again = ClipEncoder(str(tiny_clip_dir), device="cpu", num_workers=1)
+    again = DualEncoder(str(tiny_clip_dir), device="cpu", num_workers=1)
     np.testing.assert_array_equal(encoder.encode_images(images, progress=False),
                                   encoder.encode_images(images, progress=False))
     np.testing.assert_allclose(encoder.encode_images(images, progress=False),
@@ -139,7 +137,7 @@ def test_corrupt_image_raises_value_error_naming_the_file(encoder, images, tmp_p
 
 
 def test_image_size_override_interpolates_position_embeddings(tiny_clip_dir, images):
-    enc = ClipEncoder(str(tiny_clip_dir), device="cpu", image_size=48, num_workers=1)
+    enc = DualEncoder(str(tiny_clip_dir), device="cpu", image_size=48, num_workers=1)
     assert enc.image_size == 48 and enc.pixel_values(images[:1]).shape == (1, 3, 48, 48)
     out = enc.encode_images(images[:2], progress=False)
     assert out.shape == (2, 16) and np.isfinite(out).all()
@@ -149,9 +147,23 @@ def test_folder_without_preprocessor_config_uses_clip_defaults(encoder, tiny_cli
     bare = tmp_path / "bare"
     shutil.copytree(tiny_clip_dir, bare)
     (bare / "preprocessor_config.json").unlink()
-    enc = ClipEncoder(str(bare), device="cpu", num_workers=1)
+    enc = DualEncoder(str(bare), device="cpu", num_workers=1)
     np.testing.assert_allclose(enc.encode_images(images, progress=False),
                                encoder.encode_images(images, progress=False), atol=1e-6)
+
+
+def test_siglip_pads_to_its_context_and_matches_its_processor(tmp_path, images):
+    """SigLIP's text tower pools the last position: captions are padded to the full context, as it was trained,
+    so a caption embeds the same alone or beside a longer one; pixels equal SigLIP's own processor output."""
+    enc = DualEncoder(str(make_tiny_siglip(tmp_path / "siglip")), device="cpu", num_workers=1)
+    assert enc.model_type == "siglip" and enc.dim == 32 and enc._padding == "max_length"
+    batch = enc.tokenizer(["the cat"], padding=enc._padding, truncation=True, max_length=enc.max_length)
+    assert len(batch["input_ids"][0]) == enc.max_length
+    np.testing.assert_allclose(enc.encode_texts(TEXTS, batch_size=1, progress=False),
+                               enc.encode_texts(TEXTS, batch_size=3, progress=False), atol=1e-5)
+    reference = enc.processor(images=[load_rgb(p) for p in images], return_tensors="np")["pixel_values"]
+    assert reference.shape[1:] == (3, 32, 32)  # SigLIP resizes to the square, no crop
+    np.testing.assert_allclose(enc.pixel_values(images).numpy(), reference, atol=1e-5)
 
 
 # ---------------------------------------------------------------- loading failures
@@ -161,29 +173,29 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     start = time.monotonic()
     with pytest.raises(ModelLoadError) as err:
-        ClipEncoder("avg-test-nonexistent/clip-nothing", device="cpu")
+        DualEncoder("avg-test-nonexistent/clip-nothing", device="cpu")
     assert time.monotonic() - start < 10
     msg = str(err.value)
-    assert "offline" in msg and "features.encoder" in msg and "save_pretrained" in msg and "clip:" in msg
+    assert "offline" in msg and "features.encoder" in msg and "save_pretrained" in msg and "hf:" in msg
 
 
 def test_missing_local_folder_says_so():
     with pytest.raises(ModelLoadError, match="does not exist.*features.encoder"):
-        ClipEncoder("/nonexistent/avg/clip-folder", device="cpu")
+        DualEncoder("/nonexistent/avg/clip-folder", device="cpu")
 
 
 def test_incomplete_local_folder_names_what_it_needs(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="save_pretrained"):
-        ClipEncoder(str(tmp_path), device="cpu")
+        DualEncoder(str(tmp_path), device="cpu")
 
 
 def test_unavailable_device_or_precision_fails_before_loading(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="`device` key"):
-        ClipEncoder("/never/loaded", device="cuda")
+        DualEncoder("/never/loaded", device="cuda")
     with pytest.raises(ValueError, match="fp16"):
-        ClipEncoder("/never/loaded", device="cpu", precision="fp16")
+        DualEncoder("/never/loaded", device="cpu", precision="fp16")
 
 
 # ---------------------------------------------------------------- avg.device
