@@ -60,22 +60,39 @@ def make_tiny_clip(folder: str | os.PathLike, *, seed: int = 0, image_size: int 
     return folder
 
 
+def make_tiny_siglip_tokenizer(folder: Path, max_length: int = 16):
+    """SigLIP's own tokenizer class over a tiny SentencePiece model trained here (milliseconds) on caption words."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    words = ("the a cat dog on mat red green blue yellow black purple circle square triangle cross house tree car "
+             "boat small big").split()
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(words) for _ in range(6)) for _ in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=max_length)
+
+
 def make_tiny_siglip(folder: str | os.PathLike, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                      hidden: int = 32, layers: int = 2, max_length: int = 16) -> Path:
-    """Save a tiny random SiglipModel (+ a tokenizer, + SigLIP's PIL image processor config) into ``folder``.
-
-    The tokenizer is the tiny CLIP one: SigLIP's own is a SentencePiece model, which needs a package the
-    project does not install; ``AutoTokenizer`` reads whichever class the folder names, as on the hub.
-    """
+    """Save a tiny random SiglipModel + SiglipTokenizer + SigLIP's PIL image processor config into ``folder``,
+    laid out as a hub SigLIP checkpoint saved with ``save_pretrained``."""
     from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
 
     folder = Path(folder)
-    tokenizer = make_tiny_clip_tokenizer(max_length)
+    tokenizer = make_tiny_siglip_tokenizer(folder, max_length)
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2)
     config = SiglipConfig(
         text_config=dict(common, vocab_size=len(tokenizer), max_position_embeddings=max_length,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id),
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None),
         vision_config=dict(common, image_size=image_size, patch_size=patch_size),
     )
     with torch.random.fork_rng():

@@ -40,7 +40,7 @@ def test_paper_dry_run_plans_every_step(tmp_path, name, t5):
     train = next(j for j in jobs if j["rule"] == "train_generative")
     assert f'"encoder": "{t5}"' in train["cmd"] and '"backbone": "t5"' in train["cmd"]
     feats = next(j for j in jobs if j["rule"] == "features")
-    assert "clip:openai/clip-vit-large-patch14-336" in feats["cmd"]
+    assert "hf:openai/clip-vit-large-patch14-336" in feats["cmd"]
 
 
 @pytest.mark.parametrize("name", ["flickr30k", "coco"])

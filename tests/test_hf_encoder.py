@@ -157,6 +157,7 @@ def test_siglip_pads_to_its_context_and_matches_its_processor(tmp_path, images):
     so a caption embeds the same alone or beside a longer one; pixels equal SigLIP's own processor output."""
     enc = DualEncoder(str(make_tiny_siglip(tmp_path / "siglip")), device="cpu", num_workers=1)
     assert enc.model_type == "siglip" and enc.dim == 32 and enc._padding == "max_length"
+    assert type(enc.tokenizer).__name__ == "SiglipTokenizer"
     batch = enc.tokenizer(["the cat"], padding=enc._padding, truncation=True, max_length=enc.max_length)
     assert len(batch["input_ids"][0]) == enc.max_length
     np.testing.assert_allclose(enc.encode_texts(TEXTS, batch_size=1, progress=False),
