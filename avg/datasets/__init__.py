@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-SOURCES = ("tuxpaint", "folder", "flickr30k", "coco")
+SOURCES = ("tuxpaint", "folder", "flickr30k", "coco", "hf")
 
 
 def source_module(name: str):

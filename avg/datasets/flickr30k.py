@@ -55,7 +55,8 @@ def image_archive(cfg: dict, cache_dir: Path) -> str:
         "Flickr30K images have no public download URL (data.flickr30k.images_url is null). Request the "
         f"archive from the authors at {REQUEST_URL}, then either set data.flickr30k.images_url in "
         f"params/data.yaml to its local path (or a file:// / http(s) URL), or put it at "
-        f"{Path(cache_dir) / IMAGE_ARCHIVE_NAMES[0]} (also accepted there: {', '.join(IMAGE_ARCHIVE_NAMES[1:])})")
+        f"{Path(cache_dir) / IMAGE_ARCHIVE_NAMES[0]} (also accepted there: {', '.join(IMAGE_ARCHIVE_NAMES[1:])}); "
+        "or take Flickr30K from the Hugging Face hub with data.source: hf and data.hf.path: nlphuji/flickr30k")
 
 
 def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, progress: bool = True) -> dict:

@@ -1,7 +1,7 @@
 """download: fetch a dataset, verify it, normalise it to raw/captions.csv (image, caption, split) + raw/images/.
 
 The source is ``data.source`` in params/data.yaml: tuxpaint (embedded default), folder (your own
-captions.csv), flickr30k or coco (Karpathy splits).
+captions.csv), flickr30k or coco (Karpathy splits), hf (a Hugging Face ``datasets`` dataset).
 """
 from __future__ import annotations
 
