@@ -78,3 +78,19 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def refuse_foreign(path: str | os.PathLike, markers: tuple[str, ...], flag: str, what: str) -> None:
+    """Raise when ``path`` is a non-empty folder (or a file) holding none of ``markers``: an output folder
+    that is not ours is refused, never replaced (``avg train --out ~/thesis`` must not delete a thesis)."""
+    from avg.errors import UserError
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        if not any(path.iterdir()) or any((path / m).exists() for m in markers):
+            return
+        raise UserError(f"{flag} {path} is a folder that is not {what} (it holds none of {', '.join(markers)}); "
+                        f"it would be replaced: give a new or empty folder, or remove this one yourself")
+    raise UserError(f"{flag} {path} exists and is not a folder ({what} is a folder): give another path")

@@ -59,8 +59,10 @@ def render(params_dir: Path) -> dict:
         return _params_except("evaluate", evaluate, *[k for k in only if k not in reads])
 
     stages: dict[str, dict] = {
+        # persist: DVC leaves raw/ in place for the step, which refuses a source folder inside data/<name>/
+        # (avg.params.source_overlaps) instead of DVC deleting it unasked; the step replaces what it writes
         "download": stage(f"avg download --params params/data.yaml --out {D}/raw",
-                          ["avg/steps/download.py", "avg/datasets"], _params("data"), [f"{D}/raw"]),
+                          ["avg/steps/download.py", "avg/datasets"], _params("data"), [{f"{D}/raw": {"persist": True}}]),
         "features": stage(f"avg features --params params/features.yaml --raw {D}/raw --out {D}/features",
                           [f"{D}/raw", "avg/steps/features.py", "avg/encoders", "avg/alignment.py",
                            *external_inputs(slice_("features"))],

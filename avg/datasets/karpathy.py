@@ -14,6 +14,8 @@ with split one of train / val / test / restval.
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import zipfile
@@ -171,7 +173,7 @@ def fetch_annotations(cfg: dict, cache_dir: Path, prefix: str, member: str, prog
             raise UserError(f"{prefix}.annotations_url is null and neither caption_datasets.zip nor {member} is in "
                             f"{cache_dir}: set it to {KARPATHY_URL} or to a local copy")
         url = str(found)
-    dest = _dest(url, cache_dir)
+    dest = _dest(url, cache_dir, cfg["annotations_sha256"], cfg["annotations_md5"])
     return http.fetch(url, dest, sha256=cfg["annotations_sha256"], md5=cfg["annotations_md5"],
                       timeout=cfg["timeout_s"], retries=cfg["retries"], key=f"{prefix}.annotations_url",
                       progress=progress)
@@ -179,16 +181,27 @@ def fetch_annotations(cfg: dict, cache_dir: Path, prefix: str, member: str, prog
 
 def fetch_archive(url: str, cache_dir: Path, cfg: dict, key: str, sha256: str | None, md5: str | None,
                   progress: bool = True) -> http.Fetched:
-    return http.fetch(url, _dest(url, cache_dir), sha256=sha256, md5=md5, timeout=cfg["timeout_s"],
+    return http.fetch(url, _dest(url, cache_dir, sha256, md5), sha256=sha256, md5=md5, timeout=cfg["timeout_s"],
                       retries=cfg["retries"], key=key, progress=progress)
 
 
-def _dest(url: str, cache_dir: Path) -> Path:
-    """Where the cached copy lives: the cache itself when the 'url' already points into it."""
+def _dest(url: str, cache_dir: Path, sha256: str | None = None, md5: str | None = None) -> Path:
+    """Where the cached copy of ``url`` lives, keyed by the source, not its file name: a changed URL with the
+    same file name must not reuse the old file unasked.
+
+    - the cache itself when the 'url' already points into it (an archive the user put there);
+    - ``<cache>/<name>`` when a hash is pinned and a file of that name is there (placed by hand, e.g. COCO's
+      zips copied from elsewhere): the pin verifies its content, so the name is safe to trust;
+    - else ``<cache>/by-source/<sha256 of the URL, 16 hex>/<name>``.
+    """
+    cache_dir = Path(cache_dir)
     local = http.local_source(url)
-    if local is not None and local.resolve().parent == Path(cache_dir).resolve():
+    if local is not None and local.resolve().parent == cache_dir.resolve():
         return local
-    return Path(cache_dir) / http.archive_name(url)
+    name = http.archive_name(url)
+    if (sha256 or md5) and (cache_dir / name).is_file():
+        return cache_dir / name
+    return cache_dir / "by-source" / hashlib.sha256(str(url).encode("utf-8")).hexdigest()[:16] / name
 
 
 def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:

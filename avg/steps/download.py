@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from avg import io
+from avg.errors import UserError
 from avg.datasets import source_module
 
 STEP = "data"
@@ -27,6 +28,11 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     sub = cfg.get(cfg["source"], {})
     kwargs = {"split_cfg": cfg["split"]} if "split_cfg" in inspect.signature(mod.prepare).parameters else {}
     out = Path(args.out)
+    from avg.params import source_overlaps
+
+    overlap = source_overlaps(cfg, out.parent)   # Snakemake checks this at start-up; DVC runs the step directly
+    if overlap:
+        raise UserError(overlap)
     # captions.csv is rewritten last by every source, and meta.json after it: a run killed midway
     # leaves no meta.json, so the output never looks complete.
     (out / "meta.json").unlink(missing_ok=True)

@@ -233,6 +233,11 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
 
     if args.stage == "discriminative" and args.init_from is None:
         raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
+    # before any work: the checkpoint replaces --out and the resume state is removed after training,
+    # so neither may be a folder of the user's
+    io.refuse_foreign(args.out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
+    io.refuse_foreign(args.state_dir or Path(args.out).with_name(Path(args.out).name + ".resume"),
+                      ("last", "best"), "--state-dir", "avg train's resume state")
     device = _device(cfg)
     rank, world = T.rank_and_world()
     torch.manual_seed(cfg["seed"])

@@ -1,0 +1,181 @@
+"""Nothing lost, nothing stale (issue 15): each data-loss case leaves the user's files untouched and stops
+with a message naming the path; each bad input gets a message naming the file, row or key, and exit code 2."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from avg import params
+from avg.cli import main
+from tests.conftest import REPO, make_folder_dataset
+
+BIN = Path(sys.executable).parent
+DATA_CFG = params.load_file(REPO / "params" / "data.yaml", "data")
+
+
+def _data_cfg(**folder) -> dict:
+    cfg = json.loads(json.dumps(DATA_CFG))
+    cfg.update(name="mine", source="folder")
+    cfg["folder"].update(folder)
+    return cfg
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- data loss 1: a source folder inside data/<name>/
+
+def test_a_folder_dataset_inside_the_pipelines_data_folder_is_refused_at_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {step: params.load_file(REPO / "params" / f"{step}.yaml", step) for step in
+              ("data", "features", "tokenizer", "identifiers", "train", "evaluate", "report", "methods")}
+    config["data"] = _data_cfg(path="data/mine/raw/photos")
+    with pytest.raises(params.ParamsError, match=r"data.folder.path = data/mine/raw/photos lies inside data/mine"):
+        params.validate_config(config, list(config))
+    config["data"] = _data_cfg(path="datasets/photos")           # outside: fine
+    params.validate_config(config, list(config))
+
+
+def test_download_run_by_dvc_refuses_a_source_inside_its_output_and_keeps_it(tmp_path, monkeypatch, capsys):
+    """DVC runs the step itself (no Snakefile start-up check) and keeps raw/ for it (persist): the step refuses."""
+    monkeypatch.chdir(tmp_path)
+    src = make_folder_dataset(tmp_path / "data" / "mine" / "raw" / "photos", n_images=6)
+    before = _tree(src)
+    rc = main(["download", "--params-json", json.dumps(_data_cfg(path=str(src))), "--out", "data/mine/raw",
+               "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lies inside data/mine" in err and "Traceback" not in err
+    assert _tree(src) == before
+    sys.path.insert(0, str(REPO / "workflow"))
+    import dvc_stages
+
+    outs = dvc_stages.render(REPO / "params")["stages"]["download"]["outs"]
+    assert outs == [{"data/${data.name}/raw": {"persist": True}}]   # DVC does not delete raw/ before the step
+
+
+# ---------------------------------------------------------------- data loss 2: avg train --out / --state-dir
+
+@pytest.mark.parametrize("flag", ["--out", "--state-dir"])
+def test_train_refuses_to_replace_a_folder_that_is_not_its_own(tmp_path, capsys, flag):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("years of work")
+    out = thesis if flag == "--out" else tmp_path / "ckpt"
+    argv = ["train", "--params", str(REPO / "params" / "train.yaml"), "--features", str(tmp_path / "nofeatures"),
+            "--identifiers", str(tmp_path / "ids.tsv"), "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    if flag == "--state-dir":
+        argv += ["--state-dir", str(thesis)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{flag} {thesis}" in err and "not" in err and "Traceback" not in err
+    assert (thesis / "chapter1.tex").read_text() == "years of work"
+
+
+def test_train_still_replaces_its_own_checkpoint_and_empty_folders(tmp_path):
+    from avg import io
+
+    own = tmp_path / "ckpt"
+    own.mkdir()
+    (own / "avg_vokens.json").write_text("{}")
+    io.refuse_foreign(own, ("avg_vokens.json", "train.json"), "--out", "an avg checkpoint")       # no error
+    (tmp_path / "empty").mkdir()
+    io.refuse_foreign(tmp_path / "empty", ("avg_vokens.json",), "--out", "an avg checkpoint")
+    io.refuse_foreign(tmp_path / "absent", ("avg_vokens.json",), "--out", "an avg checkpoint")
+
+
+# ---------------------------------------------------------------- stale 4: the download cache is keyed by source
+
+def test_a_changed_url_with_the_same_file_name_fetches_the_new_file(tmp_path):
+    from avg.datasets import http, karpathy
+
+    old, new = tmp_path / "old" / "captions.zip", tmp_path / "new" / "captions.zip"
+    for path, text in ((old, b"old archive"), (new, b"new archive")):
+        path.parent.mkdir()
+        path.write_bytes(text)
+    cache = tmp_path / "cache"
+    first = http.fetch(str(old), karpathy._dest(str(old), cache), progress=False)
+    second = http.fetch(str(new), karpathy._dest(str(new), cache), progress=False)
+    assert Path(first.path).read_bytes() == b"old archive" and Path(second.path).read_bytes() == b"new archive"
+    assert not second.cached and first.path != second.path
+    again = http.fetch(str(old), karpathy._dest(str(old), cache), progress=False)
+    assert again.cached and again.path == first.path                # switching back reuses, keyed by URL
+    # a copy put in the cache by hand is trusted by name only when a pinned hash checks it
+    (cache / "captions.zip").write_bytes(b"hand copy")
+    assert karpathy._dest(str(new), cache) != cache / "captions.zip"
+    import hashlib
+
+    pin = hashlib.sha256(b"hand copy").hexdigest()
+    assert karpathy._dest(str(new), cache, sha256=pin) == cache / "captions.zip"
+
+
+# ---------------------------------------------------------------- bad input 7 / 10: config errors named early
+
+def _full_config() -> dict:
+    return {step: params.load_file(REPO / "params" / f"{step}.yaml", step) for step in
+            ("data", "features", "tokenizer", "identifiers", "train", "evaluate", "report", "methods")}
+
+
+@pytest.mark.parametrize("step, edit, message", [
+    ("evaluate", {"generative": {"num_beams": 5}}, r"evaluate.generative.num_beams: 5 is below the largest of evaluate.ks \(10\)"),
+    ("evaluate", {"depth": 5}, r"evaluate.depth: 5 is below the largest of evaluate.ks"),
+    ("evaluate", {"rerank": {"depth": 50}}, r"evaluate.rerank.depth: 50 is above evaluate.generative.num_beams"),
+    ("data", {"split": {"seed": 0, "val_fraction": 0.5, "test_fraction": 0.5}}, r"data.split: .* leaves no training images"),
+    ("train", {"discriminative": {"num_beams": 1}}, r"train.discriminative.num_beams: 1"),
+])
+def test_cross_key_constraints_fail_at_validation(step, edit, message):
+    cfg = _full_config()[step]
+    for key, value in edit.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    with pytest.raises(params.ParamsError, match=message):
+        params.validate(step, cfg, f"params/{step}.yaml")
+
+
+def test_errors_name_the_override_file_that_set_the_value(tmp_path):
+    override = tmp_path / "my-override.yaml"
+    override.write_text("trian:\n  seed: 1\nevaluate:\n  generative:\n    num_beams: 3\n")
+    config = _full_config()
+    config["trian"] = {"seed": 1}
+    config["evaluate"]["generative"]["num_beams"] = 3
+    with pytest.raises(params.ParamsError) as err:
+        params.validate_config(config, [s for s in config if s != "trian"], overrides=[override])
+    msg = str(err.value)
+    assert "'trian' (did you mean 'train'?) [in " + str(override) + "]" in msg
+    assert f"evaluate.generative.num_beams: 3 is below the largest of evaluate.ks (10)" in msg
+    assert f"[set in {override}]" in msg and f"params/evaluate.yaml + {override}" in msg
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "train.yaml"
+    bad.write_text("train:\n  seed: [0\n  lr: 1\n")
+    with pytest.raises(params.ParamsError, match=r"train.yaml is not valid YAML at line \d+, column \d+"):
+        params.check_yaml(bad)
+
+
+def _project_copy(dst: Path) -> Path:
+    for name in ("workflow", "params", "avg"):
+        shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_snakemake_names_the_bad_params_file_and_the_override(tmp_path):
+    work = _project_copy(tmp_path / "w")
+    train = work / "params" / "train.yaml"
+    good = train.read_text()
+    train.write_text(good + "  broken: [1\n")
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1"], cwd=work, capture_output=True, text=True)
+    assert out.returncode != 0 and "params/train.yaml is not valid YAML at line" in out.stdout + out.stderr
+    train.write_text(good)
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"evaluate": {"depth": 3}}))
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1", "--configfile", str(override)], cwd=work,
+                         capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "evaluate.depth: 3 is below the largest of evaluate.ks" in text
+    assert f"[set in {override}]" in text
