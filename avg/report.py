@@ -61,7 +61,7 @@ class MethodResult:
     train_seconds_source: str = ""
     leakage: Leakage = field(default_factory=Leakage)
     runs: list[str] = field(default_factory=list)   # Sacred run ids behind the row, evaluate run first
-    rankings: pd.DataFrame | None = None            # <method>.rankings.tsv (caption_id, caption, gold, ranked)
+    rankings: pd.DataFrame | None = None            # <method>.rankings.jsonl (caption_id, caption, gold, ranked list)
     notes: list[str] = field(default_factory=list)
     learned_from: str = MISSING                     # e.g. "train captions + corpus images (indexing)" (design.md §6)
     ranking: str = MISSING                          # how the row ranks, and whether a dense score is in it
@@ -373,7 +373,7 @@ def pick_examples(methods: list[MethodResult], n: int, seed: int, k: int) -> lis
         ex = Example(cid, str(first["caption"]), str(first["gold"]), {}, {})
         for r in with_rankings:
             row = lookup[r.name].loc[cid]
-            ranked = [x for x in str(row["ranked"]).split("|") if x] if isinstance(row["ranked"], str) else []
+            ranked = list(row["ranked"]) if isinstance(row["ranked"], list) else []
             ex.ranked[r.name] = ranked[:k]
             ex.gold_rank[r.name] = ranked.index(ex.gold) + 1 if ex.gold in ranked else None
             ex.depth[r.name] = len(ranked)

@@ -137,7 +137,7 @@ def test_render_follows_the_recipes(tmp_path):
     assert "train_generative_avg-pq-gen" not in stages and "train_generative_rq-gen" not in stages
     assert "evaluate_kmeans-pq-gen" in stages          # what a listed recipe continues is evaluated and reported too
     # rerank and fusion read their source's rankings; the fusion also its checkpoint (beta is chosen on val)
-    assert "data/${data.name}/eval/avg.rankings.tsv" in stages["evaluate_avg-rr"]["deps"]
+    assert "data/${data.name}/eval/avg.rankings.jsonl" in stages["evaluate_avg-rr"]["deps"]
     assert "--rerank data/${data.name}/eval/avg.json" in stages["evaluate_avg-rr"]["cmd"]
     fu = stages["evaluate_avg-ix-pq-fu"]
     assert "--fusion data/${data.name}/eval/avg-ix-pq.json" in fu["cmd"] and "data/${data.name}/checkpoints/avg-ix-pq" in fu["deps"]

@@ -179,3 +179,53 @@ def test_snakemake_names_the_bad_params_file_and_the_override(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "evaluate.depth: 3 is below the largest of evaluate.ks" in text
     assert f"[set in {override}]" in text
+
+
+# ---------------------------------------------------------------- bad input 8: file names a format cannot break
+
+ODD_NAMES = ["images/a|b.png", "images/tab\there.png", "images/new\nline.png", 'images/"quoted",x.png',
+             "images/ünï`cödé`.png", "images/plain.png"]
+
+
+def test_rankings_survive_any_file_name_and_rerank_reads_them(tmp_path):
+    """A `|` (or tab, newline, quote) in an image name once split rows: rerank failed and the report showed split
+    names and wrong gold ranks. JSON lines carry any name."""
+    import numpy as np
+    import pandas as pd
+    from argparse import Namespace
+
+    from avg import featurestore, io
+    from avg import rankings as ranking_files
+    from avg.steps import evaluate as step
+
+    n = len(ODD_NAMES)
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((n, 4)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    images = pd.DataFrame({"image": ODD_NAMES, "split": "test"})
+    caps = pd.DataFrame({"caption_id": range(n), "image": ODD_NAMES, "caption": [f"c|{i}\t" for i in range(n)],
+                         "split": "test", "image_index": range(n)})
+    featurestore.save(tmp_path / "features", featurestore.Features(img, images, img.copy(), caps, {"encoder": "toy"}))
+    ranked = np.array([[(i + 1) % n, i, -1] for i in range(n)])
+    ev = tmp_path / "eval"
+    ranking_files.write(ev / "gen.rankings.jsonl", caps, images["image"], ranked, np.full(ranked.shape, -1.0))
+    back = ranking_files.read(ev / "gen.rankings.jsonl")
+    assert back["ranked"].tolist() == [[ODD_NAMES[(i + 1) % n], ODD_NAMES[i]] for i in range(n)]
+    assert back["caption"].tolist() == caps["caption"].tolist() and back["gold"].tolist() == ODD_NAMES
+    io.write_json(ev / "gen.json", {"method": "gen", "split": "test", "recall@1": 0.0, "latency_ms": 1.0,
+                                    "latency_ms_median": 1.0, "qps": 1.0, "checkpoint": "ck", "sacred_run_id": "e/1"})
+    cfg = {"split": "test", "ks": [1, 5], "depth": 100, "latency_queries": 2, "batch_size": 4, "rerank": {"depth": 2}}
+    m = step.run(Namespace(features=tmp_path / "features", out=tmp_path / "out", method="gen-rr", checkpoint=None,
+                           identifiers=None, rerank=ev / "gen.json"), cfg, lambda *a: None, "evaluate/2")
+    assert m["recall@1"] == 1.0                                     # each gold (2nd) reranked to the top
+    assert ranking_files.read(tmp_path / "out" / "gen-rr.rankings.jsonl")["ranked"][0][0] == ODD_NAMES[0]
+
+
+def test_a_truncated_rankings_file_is_named(tmp_path):
+    from avg import rankings as ranking_files
+    from avg.errors import UserError
+
+    path = tmp_path / "m.rankings.jsonl"
+    path.write_text('{"caption_id": 1, "caption": "a", "gold": "x", "ranked": ["x"]}\n{"caption_id": 2, "capt')
+    with pytest.raises(UserError, match=r"m.rankings.jsonl line 2 is not valid JSON.*rerun the evaluate step"):
+        ranking_files.read(path)

@@ -79,9 +79,11 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
     test = store.split("test")
     _, src_rank, src_scores = evaluate_generative(tmp_path / "ckpt", ids, store, cfg, None)
     want, _ = fuse(src_rank, np.where(src_rank >= 0, src_scores, -np.inf), test.text, test.image, fu["beta"])
-    got = pd.read_csv(ev / "gen-fu.rankings.tsv", sep="\t", keep_default_na=False, dtype={"caption_id": str})
+    from avg import rankings as ranking_files
+
+    got = ranking_files.read(ev / "gen-fu.rankings.jsonl")
     names = test.images["image"].to_numpy()
-    assert got["ranked"].tolist() == ["|".join(names[r] for r in row if r >= 0) for row in want]
+    assert got["ranked"].tolist() == [[names[r] for r in row if r >= 0] for row in want]
     assert m["latency_ms"] > 0 and m["qps"] > 0
     # bad input: a clear message
     with pytest.raises(UserError, match="pass its --checkpoint"):

@@ -45,9 +45,8 @@ def _sacred_run(runs: Path, run_id: str, config: dict, curves: dict[str, list[fl
 
 
 def _rankings(path: Path, rows: list[tuple[str, str, str, list[str]]]) -> None:
-    lines = ["caption_id\tcaption\tgold\tranked\tscores"]
-    for cid, cap, gold, ranked in rows:
-        lines.append(f"{cid}\t{cap}\t{gold}\t{'|'.join(ranked)}\t{'|'.join('0.5' for _ in ranked)}")
+    lines = [json.dumps({"caption_id": cid, "caption": cap, "gold": gold, "ranked": ranked,
+                         "scores": [0.5] * len(ranked)}) for cid, cap, gold, ranked in rows]
     _write(path, "\n".join(lines) + "\n")
 
 
@@ -70,9 +69,9 @@ def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upst
         return order[:10]
 
     evals = ds / "eval"
-    _rankings(evals / "dense.rankings.tsv", [(c, t, g, ranked_for(j % 8, 0)) for j, (c, t, g) in enumerate(caps)])
-    _rankings(evals / "avg-disc.rankings.tsv", [(c, t, g, ranked_for(j % 8, 1)[:7]) for j, (c, t, g) in enumerate(caps)])
-    _rankings(evals / "avg-gen.rankings.tsv", [(c, t, g, ranked_for(j % 8, 3)[:7]) for j, (c, t, g) in enumerate(caps)])
+    _rankings(evals / "dense.rankings.jsonl", [(c, t, g, ranked_for(j % 8, 0)) for j, (c, t, g) in enumerate(caps)])
+    _rankings(evals / "avg-disc.rankings.jsonl", [(c, t, g, ranked_for(j % 8, 1)[:7]) for j, (c, t, g) in enumerate(caps)])
+    _rankings(evals / "avg-gen.rankings.jsonl", [(c, t, g, ranked_for(j % 8, 3)[:7]) for j, (c, t, g) in enumerate(caps)])
     base = {"split": "test", "n_queries": 12, "n_corpus": 8, "features_run_id": "features/1"}
     ev = {
         "dense": {**base, "method": "dense", "recall@1": 0.4166666666666667, "recall@5": 0.75, "recall@10": 1.0,
@@ -570,12 +569,11 @@ def test_markdown_never_carries_a_captions_raw_html_and_code_spans_survive_backt
     assert R._md_code("a`b.png") == "``a`b.png``" and R._md_code("`x`") == "`` `x` ``"
     fx = build_fixture(tmp_path)
     for path in fx["evals"]:
-        tsv = Path(path).with_name(Path(path).name.removesuffix(".json") + ".rankings.tsv")
+        tsv = Path(path).with_name(Path(path).name.removesuffix(".json") + ".rankings.jsonl")
         if tsv.exists():
-            import pandas as pd
-
-            frame = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype=str)
-            frame["caption"] = '<img src=x onerror="alert(1)"><script>alert(2)</script> a dog'
-            frame.to_csv(tsv, sep="\t", index=False)
+            rows = [json.loads(line) for line in tsv.read_text().splitlines()]
+            for row in rows:
+                row["caption"] = '<img src=x onerror="alert(1)"><script>alert(2)</script> a dog'
+            tsv.write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = (run_report(fx) / "comparison.md").read_text()
     assert "<script>" not in md and "<img src=x" not in md and "&lt;script&gt;alert(2)&lt;/script&gt; a dog" in md

@@ -39,11 +39,11 @@ def synthetic(tmp_path, n=6):
 
 
 def write_source(tmp_path, names, ranked: list[list[int]], split="test"):
-    from avg.steps.evaluate import write_rankings
+    from avg import rankings as ranking_files
 
     ev = tmp_path / "eval"
     caps = pd.DataFrame({"caption_id": range(len(names)), "caption": [f"c{i}" for i in range(len(names))], "image": names})
-    write_rankings(ev / "gen.rankings.tsv", caps, pd.Series(names), np.array(ranked))
+    ranking_files.write(ev / "gen.rankings.jsonl", caps, pd.Series(names), np.array(ranked))
     io.write_json(ev / "gen.json", {"method": "gen", "split": split, "recall@1": 0.0, "latency_ms": 30.0,
                                     "latency_ms_median": 29.0, "qps": 50.0, "checkpoint": "ck/gen", "sacred_run_id": "evaluate/7"})
     return ev / "gen.json"
@@ -68,8 +68,10 @@ def test_evaluate_step_reranks_a_generative_methods_rankings(tmp_path):
     assert m["recall@5"] == pytest.approx(1.0)                     # query 1's gold stays 4th, after the reranked head
     assert m["latency_ms"] >= 30.0 and m["qps"] < 50.0             # the generative cost plus the rerank's
     assert m["checkpoint"] == "ck/gen" and m["rerank"]["from"] == "gen" and m["rerank"]["depth"] == 3
-    table = pd.read_csv(out / "gen-rr.rankings.tsv", sep="\t", keep_default_na=False)
-    assert table["ranked"][0].split("|")[0] == "i0.png" and table["ranked"][1].split("|")[3] == "i1.png"
+    from avg import rankings as ranking_files
+
+    table = ranking_files.read(out / "gen-rr.rankings.jsonl")
+    assert table["ranked"][0][0] == "i0.png" and table["ranked"][1][3] == "i1.png"
     assert io.read_json(out / "gen-rr.json")["source_sacred_run_id"] == "evaluate/7"
 
 

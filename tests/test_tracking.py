@@ -64,12 +64,14 @@ def test_dense_evaluate_through_cli_names_its_run(tmp_path):
     assert config["evaluate"]["split"] == "test" and config["paths"]["features"].endswith("features")
     assert metrics["recall@10"] >= metrics["recall@5"] >= metrics["recall@1"] > 0.5  # noise 0.3: mostly found
     assert metrics["latency_ms"] > 0 and metrics["qps"] > 0 and metrics["n_corpus"] == 12
-    ranks = pd.read_csv(tmp_path / "eval/dense.rankings.tsv", sep="\t")
-    assert len(ranks) == 12 and all(len(r.split("|")) == 12 for r in ranks["ranked"])
+    from avg import rankings as ranking_files
+
+    ranks = ranking_files.read(tmp_path / "eval/dense.rankings.jsonl")
+    assert len(ranks) == 12 and all(len(r) == 12 for r in ranks["ranked"])
     # the outputs travel with the run as artifacts (what Omniboard shows); the result does not list them
     run_dir = tmp_path / "runs" / "evaluate" / "1"
-    assert sorted(run["artifacts"]) == ["dense.json", "dense.rankings.tsv"] and "_artifacts" not in run["result"]
-    assert (run_dir / "dense.rankings.tsv").read_text() == (tmp_path / "eval/dense.rankings.tsv").read_text()
+    assert sorted(run["artifacts"]) == ["dense.json", "dense.rankings.jsonl"] and "_artifacts" not in run["result"]
+    assert (run_dir / "dense.rankings.jsonl").read_text() == (tmp_path / "eval/dense.rankings.jsonl").read_text()
 
 
 def test_dense_recall_equals_hand_computed_ranking(tmp_path):

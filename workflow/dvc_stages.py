@@ -71,7 +71,7 @@ def render(params_dir: Path) -> dict:
             f"avg evaluate --params params/evaluate.yaml --features {D}/features --out {D}/eval --method dense",
             [f"{D}/features", "avg/steps/evaluate.py", "avg/metrics.py", "avg/dense_index.py", "avg/timing.py",
              "avg/query_features.py"], eval_params("dense"),
-            [f"{D}/eval/dense.rankings.tsv"], [f"{D}/eval/dense.json"]),
+            [f"{D}/eval/dense.rankings.jsonl"], [f"{D}/eval/dense.json"]),
     }
     for scheme in m.schemes:
         ids = f"{D}/identifiers/{scheme}"
@@ -108,14 +108,14 @@ def render(params_dir: Path) -> dict:
                 cmd = f"{base} --fusion {src}.json --checkpoint {D}/checkpoints/{r.source} --identifiers {ids}"
                 deps, par = [f"{D}/checkpoints/{r.source}", ids, "avg/fusion.py", *EVAL_CODE], eval_params("fusion", "generative")
             stages[f"evaluate_{name}"] = stage(
-                cmd, [f"{D}/features", f"{src}.json", f"{src}.rankings.tsv", *dict.fromkeys(
+                cmd, [f"{D}/features", f"{src}.json", f"{src}.rankings.jsonl", *dict.fromkeys(
                     ["avg/steps/evaluate.py", *deps, "avg/metrics.py"])],
-                par, [f"{D}/eval/{name}.rankings.tsv"], [f"{D}/eval/{name}.json"])
+                par, [f"{D}/eval/{name}.rankings.jsonl"], [f"{D}/eval/{name}.json"])
             continue
         stages[f"evaluate_{name}"] = stage(
             f"{base} --checkpoint {D}/checkpoints/{name} --identifiers {ids}",
             [f"{D}/features", f"{D}/checkpoints/{name}", ids, *EVAL_CODE],
-            eval_params("generative"), [f"{D}/eval/{name}.rankings.tsv"], [f"{D}/eval/{name}.json"])
+            eval_params("generative"), [f"{D}/eval/{name}.rankings.jsonl"], [f"{D}/eval/{name}.json"])
     stages["report"] = report_stage(m.evaluated, m.schemes)
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}
 
@@ -139,7 +139,7 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
     idents = [f"{D}/identifiers/{s}.json" for s in schemes]
     cmd = (f"avg report --params params/report.yaml --dataset-dir {D} --evals {' '.join(evals)} "
            f"--identifiers {' '.join(idents)} --runs runs --bench reports/bench/decoding.json --out {R}")
-    deps = [*evals, *[f"{D}/eval/{m}.rankings.tsv" for m in methods], *idents, f"{D}/raw",
+    deps = [*evals, *[f"{D}/eval/{m}.rankings.jsonl" for m in methods], *idents, f"{D}/raw",
             "avg/report.py", "avg/steps/report.py", "avg/resources/report.css", "avg/resources/published.yaml"]
     outs = [{f"{R}/{name}": {"cache": False}} for name in REPORT_FILES]
     return {"cmd": cmd, "deps": deps, "params": _params("report"), "outs": outs,

@@ -11,7 +11,7 @@ images by the feature inner product (:mod:`avg.rerank`); its latency is the gene
 rerank's, measured here. ``--fusion <eval json of a trained method>`` (with that method's ``--checkpoint``
 and ``--identifiers``) ranks its beams by log-probability + beta * the inner product (:mod:`avg.fusion`),
 beta chosen on the VAL split by decoding the val captions with the checkpoint (never on test). Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
-``<method>.rankings.tsv``.
+``<method>.rankings.jsonl`` (:mod:`avg.rankings`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from avg import featurestore, io
+from avg import rankings as ranking_files
 from avg.errors import UserError
 from avg.metrics import retrieval_metrics
 from avg.timing import time_queries
@@ -39,28 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="generative checkpoint folder (omit for dense)")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table of the checkpoint's scheme")
     p.add_argument("--rerank", type=Path, default=None,
-                   help="eval json of a generative method (its .rankings.tsv beside it) whose candidates to rerank")
+                   help="eval json of a generative method (its .rankings.jsonl beside it) whose candidates to rerank")
     p.add_argument("--fusion", type=Path, default=None,
                    help="eval json of a trained method whose beams to rank by log-probability + beta * dense score "
                         "(pass its --checkpoint and --identifiers too: beta is chosen on val with them)")
-
-
-def rankings_path(eval_json: Path) -> Path:
-    """``<method>.rankings.tsv`` beside ``<method>.json``: where :func:`write_rankings` puts a method's rankings."""
-    eval_json = Path(eval_json)
-    return eval_json.with_name(eval_json.name.removesuffix(".json") + ".rankings.tsv")
-
-
-def write_rankings(path: Path, captions: pd.DataFrame, corpus_images: pd.Series, rankings: np.ndarray,
-                   scores: np.ndarray | None = None) -> None:
-    """One row per query: caption id, gold image, the ranked images (``|``-joined), their scores."""
-    names = corpus_images.to_numpy()
-    ranked = ["|".join(names[r] for r in row if r >= 0) for row in rankings]
-    frame = pd.DataFrame({"caption_id": captions["caption_id"], "caption": captions["caption"],
-                          "gold": captions["image"], "ranked": ranked})
-    if scores is not None:
-        frame["scores"] = ["|".join(f"{s:.4f}" for s, r in zip(srow, row) if r >= 0) for srow, row in zip(scores, rankings)]
-    io.write_csv(path, frame, sep="\t")
 
 
 def end_to_end_timing(feats: featurestore.Features, search: Callable[[np.ndarray], object], cfg: dict) -> dict:
@@ -129,17 +112,17 @@ def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag
     """Another method's eval json and its rankings as arrays over ``feats``' corpus rows:
     ``(metrics, candidates [n, W] (-1 pads), scores [n, W] (-inf pads; NaN where it wrote none))``."""
     source_json = Path(source_json)
-    tsv = rankings_path(source_json)
+    tsv = ranking_files.path_for(source_json)
     if not source_json.is_file() or not tsv.is_file():
         raise UserError(f"{flag} {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
     source = io.read_json(source_json)
     if source.get("split") != cfg["split"]:
         raise UserError(f"{flag} {source_json} was evaluated on split {source.get('split')!r}, but evaluate.split is "
                         f"{cfg['split']!r} (params/evaluate.yaml): evaluate it again on {cfg['split']!r} first")
-    table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype={"caption_id": str, "scores": str})
+    table = ranking_files.read(tsv)
     row_of = {name: i for i, name in enumerate(feats.images["image"])}
-    by_id = {c: [x for x in ranked.split("|") if x] for c, ranked in zip(table["caption_id"], table["ranked"])}
-    score_of = dict(zip(table["caption_id"], table["scores"])) if "scores" in table else {}
+    by_id = dict(zip(table["caption_id"], table["ranked"]))
+    score_of = dict(zip(table["caption_id"], table["scores"]))
     ids = feats.captions["caption_id"].astype(str)
     missing = [c for c in ids if c not in by_id]
     if missing:
@@ -153,8 +136,8 @@ def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag
             if name not in row_of:
                 raise UserError(f"{tsv} ranks {name!r}, which is not an image of split {cfg['split']!r} in the features")
             candidates[i, j] = row_of[name]
-        vals = [float(x) for x in score_of.get(c, "").split("|") if x]
-        scores[i, :len(by_id[c])] = vals if len(vals) == len(by_id[c]) else np.nan
+        vals = score_of.get(c)
+        scores[i, :len(by_id[c])] = vals if vals is not None else np.nan
     return source, candidates, scores
 
 
@@ -259,7 +242,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                     "sacred_run_id": run_id})
     out = Path(args.out)
     # generative max_queries evaluates the first N captions only: their rows, not the whole split's
-    write_rankings(rankings_path(out / f"{args.method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
+    ranking_files.write(ranking_files.path_for(out / f"{args.method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
                    rankings, scores)
     io.write_json(out / f"{args.method}.json", metrics)
     from avg.tracking import ARTIFACTS
@@ -267,4 +250,4 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", args.method, cfg["split"],
                 metrics.get("recall@1", 0), metrics.get("recall@5", 0), metrics.get("recall@10", 0),
                 metrics["latency_ms"], metrics["qps"])
-    return {**metrics, ARTIFACTS: [out / f"{args.method}.json", rankings_path(out / f"{args.method}.json")]}
+    return {**metrics, ARTIFACTS: [out / f"{args.method}.json", ranking_files.path_for(out / f"{args.method}.json")]}

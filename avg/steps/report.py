@@ -1,7 +1,7 @@
 """report: comparison tables, figures and pages for people, from the evaluation results of one dataset.
 
 Inputs (all explicit, so the workflow reruns the report exactly when one of them changes):
-``--evals`` the evaluation jsons (``<method>.rankings.tsv`` beside each is read for example queries);
+``--evals`` the evaluation jsons (``<method>.rankings.jsonl`` beside each is read for example queries);
 ``--identifiers`` identifier stats jsons (optional: a dense-only run has none); ``--runs`` the Sacred
 FileStorageObserver root, read only for the run ids the jsons name (their per-epoch curves, configs
 and git state); ``--bench`` the decoding benchmark (a json file, or a folder of them; optional);
@@ -30,7 +30,7 @@ import yaml
 from avg import io
 from avg import report as R
 from avg.errors import UserError
-from avg.steps.evaluate import rankings_path
+from avg import rankings as ranking_files
 
 STEP = "report"
 logger = logging.getLogger(__name__)
@@ -74,12 +74,8 @@ def read_json_input(path: Path, what: str) -> dict:
 
 
 def read_rankings(eval_path: Path) -> pd.DataFrame | None:
-    path = rankings_path(eval_path)
-    if not path.exists():
-        return None
-    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    needed = {"caption_id", "caption", "gold", "ranked"}
-    return frame if needed <= set(frame.columns) else None
+    path = ranking_files.path_for(eval_path)
+    return ranking_files.read(path) if path.exists() else None
 
 
 def train_chain(checkpoint: str | None, notes: list[str]) -> list[dict]:

@@ -12,7 +12,7 @@ rule evaluate_dense:
         f"{DATA}/features",
     output:
         metrics=f"{DATA}/eval/dense.json",
-        rankings=f"{DATA}/eval/dense.rankings.tsv",
+        rankings=f"{DATA}/eval/dense.rankings.jsonl",
     log:
         f"logs/{DATASET}/evaluate_dense.log",
     params:
@@ -35,7 +35,7 @@ rule evaluate_generative:
         identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
-        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+        rankings=f"{DATA}/eval/{{method}}.rankings.jsonl",
     wildcard_constraints:
         method=one_of(M.of_kind("generative", "discriminative")),
     log:
@@ -59,10 +59,10 @@ rule evaluate_rerank:
     input:
         features=f"{DATA}/features",
         source=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.json",
-        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.tsv",
+        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.jsonl",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
-        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+        rankings=f"{DATA}/eval/{{method}}.rankings.jsonl",
     wildcard_constraints:
         method=one_of(M.of_kind("rerank")),
     log:
@@ -85,12 +85,12 @@ rule evaluate_fusion:
     input:
         features=f"{DATA}/features",
         source=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.json",
-        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.tsv",
+        rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.jsonl",
         checkpoint=lambda wildcards: f"{DATA}/checkpoints/{RECIPES[wildcards.method].source}",
         identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
-        rankings=f"{DATA}/eval/{{method}}.rankings.tsv",
+        rankings=f"{DATA}/eval/{{method}}.rankings.jsonl",
     wildcard_constraints:
         method=one_of(M.of_kind("fusion")),
     log:

@@ -5,7 +5,7 @@ rule report:
     """Comparison tables, figures and pages for people (reports/<dataset>/)."""
     input:
         evals=expand(f"{DATA}/eval/{{method}}.json", method=METHODS),
-        rankings=expand(f"{DATA}/eval/{{method}}.rankings.tsv", method=METHODS),
+        rankings=expand(f"{DATA}/eval/{{method}}.rankings.jsonl", method=METHODS),
         identifiers=expand(f"{DATA}/identifiers/{{scheme}}.json", scheme=SCHEMES),
         raw=f"{DATA}/raw",
     output:
