@@ -51,7 +51,7 @@ def test_download_run_by_dvc_refuses_a_source_inside_its_output_and_keeps_it(tmp
     rc = main(["download", "--params-json", json.dumps(_data_cfg(path=str(src))), "--out", "data/mine/raw",
                "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert rc == 2 and "lies inside data/mine" in err and "Traceback" not in err
+    assert rc == 2 and "lies inside data/mine/raw" in err and "Traceback" not in err
     assert _tree(src) == before
     sys.path.insert(0, str(REPO / "workflow"))
     import dvc_stages
@@ -229,3 +229,60 @@ def test_a_truncated_rankings_file_is_named(tmp_path):
     path.write_text('{"caption_id": 1, "caption": "a", "gold": "x", "ranked": ["x"]}\n{"caption_id": 2, "capt')
     with pytest.raises(UserError, match=r"m.rankings.jsonl line 2 is not valid JSON.*rerun the evaluate step"):
         ranking_files.read(path)
+
+
+# ---------------------------------------------------------------- bad input 9: dataset rows
+
+def _download(tmp_path, src, capsys, **split) -> tuple[int, str]:
+    cfg = _data_cfg(path=str(src))
+    cfg["split"].update(split)
+    rc = main(["download", "--params-json", json.dumps(cfg), "--out", str(tmp_path / "raw"),
+               "--cache", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
+    return rc, capsys.readouterr().err
+
+
+def _rewrite_csv(src: Path, fn) -> None:
+    lines = (src / "captions.csv").read_text().splitlines()
+    (src / "captions.csv").write_text("\n".join(fn(lines)) + "\n")
+
+
+def test_a_blank_split_value_names_the_row(tmp_path, capsys):
+    src = make_folder_dataset(tmp_path / "d", n_images=10, with_split=True)
+    _rewrite_csv(src, lambda ls: ls[:3] + [ls[3].rsplit(",", 1)[0] + ","] + ls[4:])
+    rc, err = _download(tmp_path, src, capsys)
+    assert rc == 2 and "captions.csv line 4: empty split" in err and "Traceback" not in err
+
+
+def test_one_image_spelt_two_ways_is_one_image(tmp_path, capsys):
+    src = make_folder_dataset(tmp_path / "d", n_images=10, captions_per_image=2)
+    _rewrite_csv(src, lambda ls: ls[:2] + ["./" + ls[2]] + ls[3:])            # ./img/000_... and img/000_...
+    rc, err = _download(tmp_path, src, capsys)
+    assert rc == 0, err
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "raw" / "captions.csv")
+    assert table["image"].nunique() == 10 and (table["image"] == "images/img/000_red_circle.png").sum() == 2
+
+
+def test_captions_csv_that_is_a_folder_is_named(tmp_path, capsys):
+    src = tmp_path / "d"
+    (src / "captions.csv").mkdir(parents=True)
+    rc, err = _download(tmp_path, src, capsys)
+    assert rc == 2 and "captions.csv is a folder, not a CSV file" in err and "data.folder.path" in err
+
+
+@pytest.mark.parametrize("split, empty", [({"val_fraction": 0.0}, "val"), ({"test_fraction": 0.01}, "test")])
+def test_a_split_without_images_stops_the_download(tmp_path, capsys, split, empty):
+    src = make_folder_dataset(tmp_path / "d", n_images=10)
+    rc, err = _download(tmp_path, src, capsys, **split)
+    assert rc == 2 and f"has no {empty} image(s) after splitting" in err and "data.split" in err
+    assert not (tmp_path / "raw" / "meta.json").exists()              # the output never looks complete
+
+
+def test_exact_duplicate_rows_are_dropped_and_counted(tmp_path, capsys):
+    src = make_folder_dataset(tmp_path / "d", n_images=10)
+    _rewrite_csv(src, lambda ls: ls + ls[1:3])
+    rc, err = _download(tmp_path, src, capsys)
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "raw" / "meta.json").read_text())
+    assert meta["skipped"] == {"duplicate row": 2} and meta["splits"]["total"]["captions"] == 20

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def read_table(csv_path: Path) -> pd.DataFrame:
+    if csv_path.is_dir():
+        raise UserError(f"{csv_path} is a folder, not a CSV file: data.folder.path in params/data.yaml must name the "
+                        "folder holding captions.csv, or the csv itself")
     if not csv_path.exists():
         raise UserError(f"{csv_path} not found: data.folder.path in params/data.yaml must name a folder "
                         "holding captions.csv (columns image, caption and optionally split)")
@@ -76,22 +80,26 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict
     skipped: Counter = Counter()
     keep = []
     image_status: dict[str, str | None] = {}
+    has_split = "split" in frame.columns
     for row_no, row in enumerate(frame.itertuples(index=False), start=2):  # header is line 1
-        image = row.image.strip()
+        # one spelling per image: "./img/a.png", "img//a.png" and "img/a.png" are the same file
+        image = posixpath.normpath(row.image.strip().replace("\\", "/")) if row.image.strip() else ""
         caption = " ".join(row.caption.split())
         problem = None
         if not image:
             problem = "empty image path"
         elif not caption:
             problem = "empty caption"
-        elif Path(image).is_absolute() or ".." in Path(image).parts:
-            problem = f"image path {image!r} must be relative to the csv and stay inside its folder"
+        elif has_split and not getattr(row, "split", "").strip():
+            problem = "empty split (the csv has a split column: give train, val or test on every row)"
+        elif Path(image).is_absolute() or image.split("/")[0] == "..":
+            problem = f"image path {row.image.strip()!r} must be relative to the csv and stay inside its folder"
         else:
             if image not in image_status:
                 image_status[image] = check_image(root / image)
             if image_status[image]:
                 problem = f"image {image} {image_status[image]}"
-        split = getattr(row, "split", "").strip().lower() if "split" in frame.columns else ""
+        split = getattr(row, "split", "").strip().lower() if has_split else ""
         if problem is None and split and split not in tbl.SPLITS:
             problem = f"split {split!r} is not one of train, val, test"
         if problem:
@@ -104,6 +112,12 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict
     if not keep:
         raise UserError(f"{csv_path}: no usable rows ({dict(skipped)})")
     table = pd.DataFrame(keep, columns=["src", "caption", "split"])
+    duplicates = int(table.duplicated().sum())
+    if duplicates:
+        # the same (image, caption) twice would count one query twice in every recall
+        logger.warning("%s: %d exact duplicate row(s) left out (same image, caption and split)", csv_path, duplicates)
+        table = table.drop_duplicates().reset_index(drop=True)
+        skipped["duplicate row"] += duplicates
     table["image"] = ["images/" + Path(s).as_posix().lstrip("/") for s in table["src"]]
     if "split" not in frame.columns:
         assert split_cfg is not None

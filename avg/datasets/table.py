@@ -48,3 +48,15 @@ def write_captions(raw_dir: Path, table: pd.DataFrame) -> None:
     bad = table.groupby("image")["split"].nunique()
     assert (bad == 1).all(), f"images in more than one split: {list(bad[bad > 1].index[:5])}"
     io.write_csv(Path(raw_dir) / "captions.csv", table)
+
+
+def check_splits(counts: dict, source: str) -> None:
+    """Every split must hold an image: validation picks epochs and variants, test is the corpus evaluated.
+    ``counts`` is :func:`split_counts`'s output."""
+    empty = [s for s in SPLITS if counts.get(s, {}).get("images", 0) == 0]
+    if empty:
+        fix = ("raise data.split.val_fraction / test_fraction in params/data.yaml" if source in ("tuxpaint", "folder", "hf")
+               else "check the source's split")
+        have = ", ".join(f"{s}: {counts.get(s, {}).get('images', 0)}" for s in SPLITS)
+        raise UserError(f"the {source} dataset has no {' and no '.join(empty)} image(s) after splitting ({have}): "
+                        f"every split needs at least one image; {fix}, or give rows of that split in the dataset")

@@ -30,13 +30,18 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     out = Path(args.out)
     from avg.params import source_overlaps
 
-    overlap = source_overlaps(cfg, out.parent)   # Snakemake checks this at start-up; DVC runs the step directly
+    # Snakemake refuses a source anywhere under data/<name>/ at start-up; DVC runs the step directly
+    # (keeping raw/ for it, persist), so the step refuses a source inside its own output
+    overlap = source_overlaps(cfg, out)
     if overlap:
         raise UserError(overlap)
     # captions.csv is rewritten last by every source, and meta.json after it: a run killed midway
     # leaves no meta.json, so the output never looks complete.
     (out / "meta.json").unlink(missing_ok=True)
     stats = mod.prepare(sub, out, Path(args.cache), log, **kwargs)
+    from avg.datasets.table import check_splits
+
+    check_splits(stats["splits"], cfg["source"])   # before meta.json: a dataset without one split never looks complete
     for split, counts in stats["splits"].items():
         for what, n in counts.items():
             log(f"{split}.{what}", n, None)
