@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"avg {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP (tracking.Interrupted): Sacred marked the run
+        signum = getattr(exc, "signum", 2)
+        print(f"avg {args.command}: interrupted ({getattr(exc, 'args', [''])[0] or 'SIGINT'}); the Sacred run is "
+              "marked INTERRUPTED and no output was left half-written: rerun to redo (or resume) the step",
+              file=sys.stderr)
+        return 128 + int(signum)
     log.info("%s finished (sacred run %s): %s", args.command, run_id,
              json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, default=str)[:400])
     return 0

@@ -530,14 +530,60 @@ def _evaluate(model: RQVAE, x, t, has_t, tc: TrainConfig) -> dict[str, float]:
         return {k: float(v) for k, v in loss_terms(model, x, t, has_t, tc).items()}
 
 
+class ResumeState:
+    """Where :func:`train` keeps what it needs to continue after an interruption: ``<dir>/last.pt`` (model,
+    optimiser, best epoch so far, history and every random state), replaced atomically at most every
+    ``every_s`` seconds and after the last epoch. State of another run (``fingerprint``: config and inputs)
+    is ignored. The paper trains its tokenizer for 5,000 epochs: a restart from epoch 1 costs hours."""
+
+    def __init__(self, folder, fingerprint: str, every_s: float = 30.0):
+        from pathlib import Path
+
+        self.dir = Path(folder)
+        self.fingerprint = fingerprint
+        self.every_s = float(every_s)
+
+    @property
+    def path(self):
+        return self.dir / "last.pt"
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a state file from an older torch or a damaged disk: start over, loudly
+            logger.warning("tokenizer resume state %s is unreadable (%s): starting from epoch 1", self.path, exc)
+            return None
+        if blob.get("fingerprint") != self.fingerprint:
+            logger.warning("tokenizer resume state in %s belongs to another run (config or inputs changed): "
+                           "starting from epoch 1", self.dir)
+            return None
+        return blob
+
+    def save(self, blob: dict) -> None:
+        from avg import io
+
+        with io.atomic_path(self.path, suffix=".pt") as tmp:
+            torch.save({**blob, "fingerprint": self.fingerprint}, tmp)
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.ndarray, train_has_t: np.ndarray,
-          val_x: np.ndarray, val_t: np.ndarray, val_has_t: np.ndarray, log: LogFn) -> TrainResult:
+          val_x: np.ndarray, val_t: np.ndarray, val_has_t: np.ndarray, log: LogFn,
+          resume: ResumeState | None = None) -> TrainResult:
     """Train the tokenizer on the training images (and their captions); keep the epoch with the
     lowest validation loss (training loss when there are no validation images).
 
     Per epoch, ``log`` receives every loss term on train and val, and per-level codebook
-    utilisation and perplexity of the training images' codes.
+    utilisation and perplexity of the training images' codes. With ``resume``, a run interrupted at
+    any point continues from the last saved epoch and ends with the same weights as an uninterrupted one.
     """
+    import time
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -563,8 +609,32 @@ def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.nda
     sizes = [mc.codebook_size] * mc.levels
     best, best_state, best_epoch, since_best = math.inf, None, 0, 0
     history = []
-    bar = tqdm(range(1, tc.epochs + 1), desc="tokenizer", unit="epoch", mininterval=1.0)
-    for epoch in bar:
+    start, stopped = 1, False
+    blob = resume.load() if resume is not None else None
+    if blob is not None:
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        gen.set_state(blob["gen"])
+        torch.set_rng_state(blob["torch_rng"])
+        if torch.cuda.is_available() and blob.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        rng.bit_generator.state = blob["np_rng"]
+        best, best_state, best_epoch, since_best = blob["best"], blob["best_state"], blob["best_epoch"], blob["since_best"]
+        history, stopped = blob["history"], blob["stopped"]
+        start = blob["epoch"] + 1
+        logger.info("tokenizer: resuming from %s after epoch %d", resume.path, blob["epoch"])
+    last_save = time.monotonic()
+
+    def save_state(epoch: int, done: bool) -> None:
+        resume.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "np_rng": rng.bit_generator.state, "best": best, "best_state": best_state,
+                     "best_epoch": best_epoch, "since_best": since_best, "history": history, "stopped": done})
+
+    bar = tqdm(range(start, tc.epochs + 1), desc="tokenizer", unit="epoch", mininterval=1.0, initial=start - 1,
+               total=tc.epochs, disable=stopped)
+    for epoch in (() if stopped else bar):
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
@@ -606,7 +676,12 @@ def train(mc: ModelConfig, tc: TrainConfig, train_x: np.ndarray, train_t: np.nda
             since_best += 1
             if tc.patience and since_best >= tc.patience:
                 logger.info("tokenizer: no %s improvement for %d epochs, stopping at epoch %d", selection, since_best, epoch)
-                break
+                stopped = True
+        if resume is not None and (stopped or epoch == tc.epochs or time.monotonic() - last_save >= resume.every_s):
+            save_state(epoch, stopped)
+            last_save = time.monotonic()
+        if stopped:
+            break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()

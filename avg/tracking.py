@@ -16,6 +16,8 @@ run id in the run's ``meta.file_run_id``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import os
@@ -102,5 +104,40 @@ def run_step(step: str, config: dict, fn: Callable[[LogFn, str], dict], runs_dir
         outcome["run_id"], outcome["metrics"] = run_id, metrics
         return _jsonable(metrics)
 
-    ex.run(options={"--loglevel": "WARNING"})
+    with _signals_interrupt():
+        ex.run(options={"--loglevel": "WARNING"})
     return outcome["run_id"], outcome["metrics"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """The step was stopped by a signal (SIGTERM from Snakemake/DVC/Slurm, SIGHUP, Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise :class:`Interrupted` (a KeyboardInterrupt) for the run's duration, so Sacred
+    records the run as INTERRUPTED (with its stop time) instead of leaving it RUNNING forever; outputs are
+    written atomically, so nothing half-written remains. SIGKILL cannot be caught: such a run keeps
+    RUNNING and its heartbeat stops (``run.json: heartbeat``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)

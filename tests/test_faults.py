@@ -286,3 +286,71 @@ def test_exact_duplicate_rows_are_dropped_and_counted(tmp_path, capsys):
     assert rc == 0, err
     meta = json.loads((tmp_path / "raw" / "meta.json").read_text())
     assert meta["skipped"] == {"duplicate row": 2} and meta["splits"]["total"]["captions"] == 20
+
+
+# ---------------------------------------------------------------- stale 13: the tokenizer resumes like training
+
+@pytest.mark.parametrize("crash_at", [2, 5, 8])
+def test_an_interrupted_tokenizer_resumes_to_the_same_weights(tmp_path, crash_at):
+    """Killed after any epoch, the next run continues from the last saved epoch (not epoch 1) and ends with the
+    weights and history of an uninterrupted run."""
+    import numpy as np
+    import torch
+
+    from avg import tokenizer as tok
+    from tests.test_tokenizer import tiny_cfg, toy_data
+
+    img, cap, _ = toy_data()
+    has = np.ones(len(img), bool)
+    mc, tc = tok.configs_from_params(tiny_cfg(seed=0, epochs=8, dead_code_threshold=1, dropout=0.1), img.shape[1])
+    args = (img[:72], cap[:72], has[:72], img[72:], cap[72:], has[72:])
+
+    def fresh():
+        torch.manual_seed(123)   # the global RNG the caller left: resume must not depend on it
+        return tok.ResumeState(tmp_path / "state", "fp", every_s=0)
+
+    whole = tok.train(mc, tc, *args, lambda *a: None)
+
+    class Killed(Exception):
+        pass
+
+    def dies(name, value, epoch):
+        if epoch == crash_at:
+            raise Killed
+    with pytest.raises(Killed):
+        tok.train(mc, tc, *args, dies, resume=fresh())
+    seen = []
+    resumed = tok.train(mc, tc, *args, lambda name, value, epoch: seen.append(epoch), resume=fresh())
+    assert min(seen) == crash_at                                    # epochs before the crash were not redone
+    assert resumed.best_epoch == whole.best_epoch and resumed.history == whole.history
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    other = tok.ResumeState(tmp_path / "state", "another run", every_s=0)
+    assert other.load() is None                                     # another config never resumes this state
+
+
+def test_a_step_stopped_by_sigterm_is_marked_interrupted_not_running(tmp_path):
+    """Snakemake, DVC and Slurm stop jobs with SIGTERM: the Sacred run must not stay RUNNING forever."""
+    import signal
+    import time
+
+    from tests.test_tokenizer import TINY, write_store
+
+    features = write_store(tmp_path / "features", n=60)
+    cfg = params.load_file(REPO / "params" / "tokenizer.yaml", "tokenizer")
+    cfg.update(TINY)
+    cfg.update(epochs=100000, patience=0, device="cpu")
+    proc = subprocess.Popen([str(BIN / "avg"), "tokenizer", "--params-json", json.dumps(cfg), "--features",
+                             str(features), "--scheme", "avg", "--out", str(tmp_path / "tok"),
+                             "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_json = tmp_path / "runs" / "tokenizer" / "1" / "run.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (run_json.exists() and "RUNNING" in run_json.read_text()):
+        time.sleep(0.2)
+    time.sleep(1.0)                                                # well inside training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    run = json.loads(run_json.read_text())
+    assert run["status"] == "INTERRUPTED" and run.get("stop_time")
+    assert "interrupted (SIGTERM)" in err.decode() and not (tmp_path / "tok" / "meta.json").exists()

@@ -84,9 +84,13 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     val_x, val_t, val_has = split_arrays(feats, "val")
     logger.info("tokenizer %s: fitted on %s (%d images, %d with train captions) / %d val images, L=%d K=%d shared=%s align=%s x %.2f",
                 args.scheme, fit_on, len(train_x), int(train_has.sum()), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
-    result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log)
-
     out = Path(args.out)
+    io.refuse_foreign(out, ("model.pt", "meta.json", "history.csv"), "--out", "a tokenizer folder")
+    state_dir = out.with_name(out.name + ".resume")
+    io.refuse_foreign(state_dir, ("last.pt",), "the tokenizer's resume folder", "its resume state")
+    resume = tok.ResumeState(state_dir, _fingerprint(cfg, args.scheme, Path(args.features)))
+    result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log, resume=resume)
+
     out.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(out / "model.pt", suffix=".pt") as tmp:
         torch.save(result.model.cpu().checkpoint(), tmp)
@@ -99,4 +103,21 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "val_loss": [row.get("val.total") for row in result.history],
             "best": {k: v for k, v in result.metrics.items() if k not in ("best_epoch", "epochs_run", "selection")}}
     io.write_json(out / "meta.json", meta)
+    resume.clear()   # the result is written: nothing left to resume
     return {"scheme": args.scheme, **result.metrics}
+
+
+def _fingerprint(cfg: dict, scheme: str, features: Path) -> str:
+    """Identity of a tokenizer run (params, scheme, the feature store's arrays and tables): resume state is
+    reused only for the same one."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"cfg": cfg, "scheme": scheme}, sort_keys=True, default=str).encode())
+    for name in ("image.npy", "captions.csv", "images.csv"):
+        path = features / name
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()[:16]
