@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"avg {args.command}: {exc}", file=sys.stderr)
         return 2
-    from avg import threads, tracking
+    from avg import frontdoor, threads, tracking
 
+    try:
+        frontdoor.claim_for_step()      # under dvc or snakemake: refuse while the other front door runs
+    except UserError as exc:
+        print(f"avg {args.command}: {exc}", file=sys.stderr)
+        return 2
     threads.pin(cfg.get("threads"))
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:

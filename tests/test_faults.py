@@ -3,6 +3,7 @@ with a message naming the path; each bad input gets a message naming the file, r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -354,3 +355,65 @@ def test_a_step_stopped_by_sigterm_is_marked_interrupted_not_running(tmp_path):
     run = json.loads(run_json.read_text())
     assert run["status"] == "INTERRUPTED" and run.get("stop_time")
     assert "interrupted (SIGTERM)" in err.decode() and not (tmp_path / "tok" / "meta.json").exists()
+
+
+# ---------------------------------------------------------------- stale 3: one front door at a time
+
+def test_snakemake_refuses_to_start_while_dvc_runs_steps_and_starts_after(tmp_path):
+    """A `dvc repro` (here a stand-in process called dvc running a real step) claims the project; snakemake
+    started meanwhile stops with a message naming it, and runs once it has gone."""
+    import signal
+    import time
+
+    work = _project_copy(tmp_path / "w")
+    src = make_folder_dataset(tmp_path / "photos", n_images=10)
+    data = yaml.safe_load((work / "params" / "data.yaml").read_text())
+    data["data"].update(name="mine", source="folder")
+    data["data"]["folder"]["path"] = str(src)
+    (work / "params" / "data.yaml").write_text(yaml.safe_dump(data))
+    fake = tmp_path / "bin" / "dvc"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys, time\n"
+                    f"subprocess.run([{str(BIN / 'avg')!r}, 'download', '--out', 'data/mine/raw', '--runs-dir', "
+                    f"{str(tmp_path / 'runs')!r}], check=True)\nopen('ready', 'w').close()\ntime.sleep(120)\n")
+    fake.chmod(0o755)
+    dvc = subprocess.Popen([str(fake)], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (work / "ready").exists() and time.monotonic() < deadline and dvc.poll() is None:
+            time.sleep(0.2)
+        assert (work / "ready").exists(), "the stand-in dvc did not run its step"
+        assert json.loads((work / ".avg-frontdoor.json").read_text())["tool"] == "dvc"
+        out = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "data/mine/raw"], cwd=work,
+                             capture_output=True, text=True)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and f"dvc (pid {dvc.pid}" in text and "Wait for it to finish" in text
+    finally:
+        dvc.send_signal(signal.SIGKILL)
+        dvc.wait()
+    out = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "data/mine/raw"], cwd=work, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]  # the claim of a dead process is stale
+    assert json.loads((work / ".avg-frontdoor.json").read_text())["tool"] == "snakemake"
+
+
+def test_a_step_under_dvc_refuses_while_snakemake_holds_the_project(tmp_path):
+    import psutil
+
+    from avg import frontdoor
+    from avg.errors import UserError
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        created = psutil.Process(other.pid).create_time()
+        frontdoor.claim(tmp_path, "snakemake", other.pid, created)
+        frontdoor.claim(tmp_path, "snakemake", other.pid, created)           # its own steps: fine
+        with pytest.raises(UserError, match=rf"snakemake \(pid {other.pid}, started .*\) is running steps"):
+            frontdoor.claim(tmp_path, "dvc", os.getpid(), psutil.Process().create_time())
+    finally:
+        other.kill()
+        other.wait()
+    frontdoor.claim(tmp_path, "dvc", os.getpid(), psutil.Process().create_time())   # stale: taken over
+    assert frontdoor._tool_of(["/usr/bin/python3", "/x/.venv/bin/dvc", "repro"]) == "dvc"
+    assert frontdoor._tool_of(["python", "-m", "snakemake", "--cores", "2"]) == "snakemake"
+    assert frontdoor._tool_of(["python", "train.py"]) is None
