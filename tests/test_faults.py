@@ -417,3 +417,44 @@ def test_a_step_under_dvc_refuses_while_snakemake_holds_the_project(tmp_path):
     assert frontdoor._tool_of(["/usr/bin/python3", "/x/.venv/bin/dvc", "repro"]) == "dvc"
     assert frontdoor._tool_of(["python", "-m", "snakemake", "--cores", "2"]) == "snakemake"
     assert frontdoor._tool_of(["python", "train.py"]) is None
+
+
+# ---------------------------------------------------------------- stale 5 / 6: tracked keys, pinned threads
+
+def test_stages_track_only_the_keys_they_read():
+    """train.discriminative.* must not retrain the generative stage, identifiers.kmeans.* must not touch the avg
+    identifiers, evaluate.generative.* must not rerun dense evaluation (the e2e test checks both tools end to end)."""
+    sys.path.insert(0, str(REPO / "workflow"))
+    import dvc_stages
+
+    stages = dvc_stages.render(REPO / "params")["stages"]
+
+    def keys(name):
+        return {k for p in stages[name]["params"] for f, ks in p.items() for k in ks}
+
+    assert "train.discriminative" not in keys("train_generative_avg-gen")
+    assert not any(k.startswith("identifiers.kmeans") for k in keys("identifiers_avg"))
+    assert not any(k.startswith("evaluate.generative") for k in keys("evaluate_dense"))
+
+
+def test_every_step_pins_its_threads_whatever_the_cores_given(monkeypatch):
+    """--cores 1 and --cores 2 gave features differing by 7.5e-6 (and everything after them): each step pins torch
+    and BLAS to <step>.threads itself, and the CLI does it before the step runs."""
+    import torch
+
+    from avg import threads
+
+    for step in ("features", "tokenizer", "identifiers", "train", "evaluate"):
+        assert "threads" in params.load_file(REPO / "params" / f"{step}.yaml", step), step
+    before = torch.get_num_threads()
+    try:
+        threads.pin(1)
+        assert torch.get_num_threads() == 1
+        from threadpoolctl import threadpool_info
+
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    finally:
+        torch.set_num_threads(before)
+        if threads._limits is not None:
+            threads._limits.unregister()
+            threads._limits = None

@@ -45,7 +45,7 @@ rule identifiers:
         cfg=lambda wildcards: cfg_json("identifiers", drop=[s for s in ("atomic", "kmeans") if s != wildcards.scheme]),
         tokenizer=lambda wildcards, input: f"--tokenizer {input.tokenizer}" if "tokenizer" in input.keys() else "",
         outdir=lambda wildcards, output: os.path.dirname(output.table),
-    threads: 1
+    threads: step_threads("identifiers")
     resources:
         mem_mb=4000,
         runtime=30,
@@ -66,7 +66,7 @@ rule identifiers_atomic:
     params:
         cfg=cfg_json("identifiers", drop=("kmeans",)),
         outdir=lambda wildcards, output: os.path.dirname(output.table),
-    threads: 1
+    threads: step_threads("identifiers")
     resources:
         mem_mb=2000,
         runtime=10,
