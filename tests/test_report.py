@@ -11,6 +11,7 @@ import math
 import re
 import shutil
 import subprocess
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -119,8 +120,8 @@ def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upst
                     {"train.total": [1.0, 0.5], "val.total": [1.1, 0.6], "train.utilisation.level1": [0.2, 0.25]})
         for rid in ("evaluate/1", "evaluate/2", "evaluate/3", "identifiers/1", "identifiers/2", "features/1"):
             _sacred_run(runs, rid, {rid.split("/")[0]: {"split": "test"}})
-        _write(bench / "decoding.json", {"records": [
-            {"method": "avg beam 10", "n_corpus": n, "latency_ms": 5 + n / 100, "qps": 2000 / (1 + n / 1000)}
+        _write(bench / "decoding.json", {"rows": [    # what bench/bench_decoding.py writes
+            {"n": n, "avg beam 10": {"latency_ms": 5 + n / 100, "qps": 2000 / (1 + n / 1000)}}
             for n in (100, 1000, 10000)]})
     return {"root": root, "ds": ds, "evals": eval_paths, "identifiers": ident_paths, "runs": runs, "bench": bench,
             "eval": ev, "ident": ident, "train": {"avg-gen": [gen], "avg-disc": [gen, disc]}}
@@ -156,6 +157,7 @@ def built(tmp_path_factory):
 
 # ---------------------------------------------------------------------- parsing helpers
 def md_table(md: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """The Markdown table whose header starts with ``first_header`` ("Method | Identifier scheme": the detailed one)."""
     lines = md.splitlines()
     start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
     header = [c.strip() for c in lines[start].strip("|").split(" | ")]
@@ -214,7 +216,7 @@ def shown_equals(text: str, expected: float, scale: float = 1.0) -> bool:
 # ---------------------------------------------------------------------- tests
 def test_every_number_in_the_markdown_table_matches_its_json(built):
     md = (built["out"] / "comparison.md").read_text()
-    header, rows = md_table(md, "Method")
+    header, rows = md_table(md, "Method | Identifier scheme")
     col = {h: i for i, h in enumerate(header)}
     assert {r[0].strip("*") for r in rows} == {"dense", "avg-disc", "avg-gen"}
     checked = 0
@@ -275,7 +277,7 @@ def test_best_value_per_column_is_marked(built):
     assert best("latency_ms") == {"dense"} and best("qps") == {"dense"}
     assert best("train_seconds") == {"avg-gen"}       # 12.5 s (one stage) < 19.75 s (two)
     assert best("n_corpus") == set()                  # context columns are not ranked
-    header, md_rows = md_table((built["out"] / "comparison.md").read_text(), "Method")
+    header, md_rows = md_table((built["out"] / "comparison.md").read_text(), "Method | Identifier scheme")
     disc = next(r for r in md_rows if r[0] == "avg-disc")
     assert disc[header.index("R@1 (%)")] == "**50.0**"
 
@@ -306,7 +308,7 @@ def test_html_is_self_contained(built):
 
 def test_figures_beside_the_report_and_dvc_plot_tables(built):
     out = built["out"]
-    for name in ("recall_at_k.png", "training_curves.png", "codebook_utilisation.png", "efficiency.png"):
+    for name in ("tradeoff.png", "recall_at_k.png", "training_curves.png", "codebook_utilisation.png", "efficiency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in (out / "comparison.md").read_text()
     import pandas as pd
@@ -358,7 +360,7 @@ def test_leakage_flag_is_labelled_in_every_table(tmp_path, fast_figures):
     fx = build_fixture(tmp_path, leak=True)
     out = run_report(fx)
     md = (out / "comparison.md").read_text()
-    header, rows = md_table(md, "Method")
+    header, rows = md_table(md, "Method | Identifier scheme")
     flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
     assert flags == {"dense": "no", "avg-disc": "YES", "avg-gen": "no"}
     assert "Test captions used in training" in md and "pseudo_queries" in md
@@ -380,7 +382,7 @@ def test_pseudo_query_rows_are_labelled_apart_from_test_caption_leaks(tmp_path, 
         _write(cfg_path, cfg)
     out = run_report(fx)
     md = (out / "comparison.md").read_text()
-    header, rows = md_table(md, "Method")
+    header, rows = md_table(md, "Method | Identifier scheme")
     flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
     assert flags["dense"] == "no" and flags["avg-gen"] == "no"
     assert flags["avg-disc"] == "pseudo-queries (knn, 5 per image, 80 for 16 val+test images)"
@@ -417,10 +419,10 @@ def test_dense_only_run_without_optional_inputs(tmp_path):
     fx = build_fixture(tmp_path, with_upstream=False)      # no runs/, no bench, no identifier stats
     out = run_report(fx, {"n_examples": 2}, evals=[fx["evals"][0]], identifiers=[])
     md = (out / "comparison.md").read_text()
-    _, rows = md_table(md, "Method")
+    _, rows = md_table(md, "Method | Identifier scheme")
     assert [r[0] for r in rows] == ["dense"]
     assert "No decoding benchmark" in md and "not under" in md
-    for name in ("recall_at_k.png", "training_curves.png", "codebook_utilisation.png", "efficiency.png"):
+    for name in ("tradeoff.png", "recall_at_k.png", "training_curves.png", "codebook_utilisation.png", "efficiency.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "plots" / "utilisation.csv").read_text().strip() == "scheme,level,utilisation"
 
@@ -483,6 +485,7 @@ def test_dvc_templates_fill_and_the_page_template_drops_the_cdn(built):
 def test_headless_browser_renders_report_and_dvc_plots_offline(built, tmp_path):
     def dump(page: Path) -> str:
         cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--window-size=1400,900",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                "--host-resolver-rules=MAP * ~NOTFOUND",            # any network fetch fails: proves offline
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
@@ -497,6 +500,10 @@ def test_headless_browser_renders_report_and_dvc_plots_offline(built, tmp_path):
     ok, total = map(int, loaded.groups())
     assert total >= 10 and ok == total, f"{ok}/{total} images decoded"
     assert 'data-main-rows="3"' in dom and 'id="main-table"' in dom
+    # at 1,400 px the answer is on the first screen and nothing runs off the right edge
+    layout = json.loads(html_unescape(re.search(r'data-layout="([^"]+)"', dom).group(1)))
+    assert layout["width"] == 1400 and layout["wide"] == 0 and layout["scroll"] <= 1400, layout
+    assert 0 < layout["headline"] < layout["compact"] <= layout["height"], layout
 
     # dvc plots show's page, from the committed page and plot templates: vega must draw without network
     from dvc_render.html import render_html
@@ -506,6 +513,28 @@ def test_headless_browser_renders_report_and_dvc_plots_offline(built, tmp_path):
                 html_template=str(REPO / ".dvc" / "plots" / "offline.html"))
     dom = dump(page)
     assert re.search(r"<(svg|canvas)[^>]*class=\"marks\"", dom), "vega-embed did not render the plot"
+
+
+def test_the_page_answers_first_headline_then_the_grouped_compact_table(built):
+    """A reader wants the answer first: the headline sentence, then the compact table grouped by what each
+    method learned from, whose numbers are the jsons' values; the details sit in collapsed sections."""
+    page = (built["out"] / "comparison.html").read_text()
+    md = (built["out"] / "comparison.md").read_text()
+    assert page.index('id="headline"') < page.index('id="compact-table"') < page.index('id="main-table"')
+    assert "<details id=\"details-table\">" in page and "no benchmark" not in md.lower()
+    head = re.search(r'<p id="headline" class="headline">(.*?)</p>', page).group(1)
+    assert "avg-disc" in head and "50.0%" in head and "41.7%" in head and "1.20× dense" in head
+    rows = html_table(page, "compact-table")
+    assert [r["method"][0] for r in rows] == ["dense", "avg-disc", "avg-gen"]     # grouped, best first within
+    groups = re.findall(r'<tr class="group"><th class="text" colspan="\d+">([^<]+)</th>', page)
+    assert groups == ["Dense two-tower", "Generative"]
+    for r in rows:
+        ev = built["eval"][r["method"][0]]
+        for key in ("recall@1", "recall@5", "recall@10", "latency_ms", "qps"):
+            assert r[key][0] == ev[key]
+    assert "best" in {n: r for n, r in ((r["method"][0], r) for r in rows)}["avg-disc"]["recall@1"][2]
+    header, md_rows = md_table(md, "Method | Learned from")
+    assert header[:5] == ["Method", "Learned from", "R@1", "R@5", "R@10"] and md_rows[0][0] == "*Dense two-tower*"
 
 
 def test_bench_records_read_the_decoding_benchmark_layout():
@@ -549,7 +578,7 @@ def test_every_row_says_what_it_learned_from_and_whether_a_dense_score_ranked_it
                      "score": "beam log-probability + beta * inner product"}
     Path(path).write_text(json.dumps(doc))
     out = run_report(fx)
-    header, rows = md_table((out / "comparison.md").read_text(), "Method")
+    header, rows = md_table((out / "comparison.md").read_text(), "Method | Identifier scheme")
     got = {r[0].strip("*").split(" [")[0]: (r[header.index("Learned from")], r[header.index("Ranking (dense score?)")])
            for r in rows}
     assert got["dense"] == ("train captions (features step)", "dense score")

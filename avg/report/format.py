@@ -1,0 +1,78 @@
+"""How numbers and text are shown: rounding for people (never scientific notation: tables get parsed),
+Markdown escaping that keeps a caption's raw HTML from reaching viewers that render it."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from avg.report.model import MISSING
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def as_number(value: Any) -> float | None:
+    """JSON numbers, and the strings Sacred/json use for non-finite floats."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
+        return math.inf
+    return None
+
+
+def fmt_number(value: Any) -> str:
+    """Rounded for people, never in scientific notation, no thousands separators (tables get parsed)."""
+    v = as_number(value)
+    if v is None:
+        return MISSING
+    if math.isinf(v):
+        return "inf"
+    if math.isnan(v):
+        return "nan"
+    if isinstance(value, int):
+        return str(value)
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a == 0:
+        return "0"
+    decimals = max(2, 2 - int(math.floor(math.log10(a))))    # 3 significant digits
+    return f"{v:.{decimals}f}"
+
+
+def fmt_percent(value: Any, decimals: int = 1) -> str:
+    v = as_number(value)
+    return MISSING if v is None or not math.isfinite(v) else f"{100 * v:.{decimals}f}"
+
+
+def fmt_levels(values: Any) -> str:
+    if not isinstance(values, (list, tuple)) or not values:
+        return MISSING
+    return " / ".join(fmt_percent(v) for v in values)
+
+
+def _md_escape(text: str) -> str:
+    """Text for a Markdown line or table cell: raw HTML in a caption must not reach viewers that render it."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\n", " "))
+
+
+def _md_code(text: str) -> str:
+    """A Markdown code span that holds any text, backticks included (CommonMark: a longer fence)."""
+    text = str(text).replace("\n", " ")
+    run = max((len(r) for r in re.findall(r"`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+
+
+def _yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, allow_unicode=True).rstrip()
