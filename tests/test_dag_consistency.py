@@ -1,4 +1,5 @@
 """The Snakemake workflow and dvc.yaml describe the same DAG: same steps, same data in and out, same command."""
+import json
 import shlex
 import shutil
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -49,7 +51,25 @@ def dvc_stages(workdir: Path) -> dict[str, dict]:
 
     with Repo(str(workdir)) as repo:
         return {s.name: {"deps": {str(d.def_path) for d in s.deps}, "outs": {str(o.def_path) for o in s.outs},
-                         "cmd": s.cmd} for s in repo.index.stages}
+                         "cmd": s.cmd,
+                         "params": {str(d.def_path): list(d.params) for d in s.deps if getattr(d, "params", None)}}
+                for s in repo.index.stages}
+
+
+def snakemake_params_keys(cmd: str) -> tuple[str, set[str]] | None:
+    """(step, top-level keys) of the slice a job's command passes as --params-json."""
+    tokens = shlex.split(cmd)
+    if "--params-json" not in tokens:
+        return None
+    step = {"download": "data"}.get(tokens[1], tokens[1])
+    return step, set(json.loads(tokens[tokens.index("--params-json") + 1]))
+
+
+def dvc_params_keys(stage: dict, step: str, workdir: Path) -> set[str]:
+    """Top-level keys of params/<step>.yaml a DVC stage tracks (the step name alone = the whole slice)."""
+    keys = stage["params"].get(f"params/{step}.yaml", [])
+    whole = set(yaml.safe_load((workdir / "params" / f"{step}.yaml").read_text())[step])
+    return {k2 for k in keys for k2 in (whole if k == step else [k.split(".")[1]])}
 
 
 def normalise_cmd(cmd: str) -> list[str]:
@@ -88,6 +108,11 @@ def test_snakemake_and_dvc_agree(tmp_path, dataset):
         assert job["input"] == data_deps, name
         assert all(not d.startswith("data/") or d in job["input"] for d in st["deps"])
         assert normalise_cmd(job["cmd"]) == normalise_cmd(st["cmd"]), name
+        # the same params keys rerun the job in both tools (each stage tracks exactly what its step reads)
+        passed = snakemake_params_keys(job["cmd"])
+        if passed is not None:
+            step, keys = passed
+            assert keys == dvc_params_keys(st, step, work), (name, sorted(keys ^ dvc_params_keys(st, step, work)))
         step_params = sorted(d for d in st["deps"] if d.startswith("params/"))
         own = [d for d in step_params if d != "params/methods.yaml"]
         assert len(own) == 1, f"{name}: one step params file per stage"
@@ -188,3 +213,12 @@ def test_a_precomputed_feature_folder_is_an_input_of_both_front_doors(tmp_path):
     assert {str(emb), str(emb / "flickr_captions.json")} <= features["input"]
     deps = dvc_stages.render(work / "params")["stages"]["features"]["deps"]
     assert str(emb) in deps and str(emb / "flickr_captions.json") in deps
+
+
+def test_snakemake_lint_is_clean_but_for_the_conda_advice(tmp_path):
+    """`snakemake --lint`: no rules mixed with functions, no index-based file access, no hard-coded paths.
+    Left: 'Specify a conda environment or container' (the project installs one environment with pip)."""
+    work = copy_project(tmp_path)
+    out = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=work, capture_output=True, text=True)
+    lints = {line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip().startswith("* ")}
+    assert lints <= {"* Specify a conda environment or container for each rule.:"}, lints

@@ -1,11 +1,3 @@
-# evaluate.<x> slices that only some evaluation rules read: each rule drops the others' (no needless reruns)
-EVAL_ONLY = ("dense", "generative", "rerank", "fusion")
-
-
-def eval_cfg(*reads):
-    return cfg_json("evaluate", drop=tuple(k for k in EVAL_ONLY if k not in reads))
-
-
 rule evaluate_dense:
     """Dense two-tower baseline: cosine ranking over the evaluated split with the same features."""
     input:

@@ -1,9 +1,9 @@
 rule features:
     """Image and text embeddings in one space (offline encoder, a dual encoder, or embeddings made elsewhere)."""
     input:
-        f"{DATA}/raw",
+        raw=f"{DATA}/raw",
         # a precomputed feature folder or a local model folder: editing it reruns the step
-        *features_inputs(config["features"]),
+        outside=features_inputs(config["features"]),
     output:
         directory(f"{DATA}/features"),
     log:
@@ -16,4 +16,4 @@ rule features:
         runtime=240,
         gpu=GPU("features"),
     shell:
-        "avg features --params-json {params.cfg:q} --raw {input[0]} --out {output} 2>&1 | tee {log}"
+        "avg features --params-json {params.cfg:q} --raw {input.raw} --out {output} 2>&1 | tee {log}"

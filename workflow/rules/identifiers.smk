@@ -1,6 +1,3 @@
-LEARNED = ("rq", "avg")  # schemes whose codes come from a trained tokenizer (the tokenizer step)
-
-
 rule tokenizer:
     """Train the residual-quantised tokenizer of a learned scheme (rq: visual only; avg: with caption alignment)."""
     input:
@@ -8,7 +5,7 @@ rule tokenizer:
     output:
         directory(f"{DATA}/tokenizer/{{scheme}}"),
     wildcard_constraints:
-        scheme="|".join(LEARNED),
+        scheme=one_of(dag.LEARNED),
     log:
         f"logs/{DATASET}/tokenizer_{{scheme}}.log",
     params:
@@ -22,13 +19,6 @@ rule tokenizer:
         "avg tokenizer --params-json {params.cfg:q} --features {input} --scheme {wildcards.scheme} --out {output} 2>&1 | tee {log}"
 
 
-def identifier_inputs(wildcards):
-    inputs = {"features": f"{DATA}/features"}
-    if wildcards.scheme in LEARNED:
-        inputs["tokenizer"] = f"{DATA}/tokenizer/{wildcards.scheme}"
-    return inputs
-
-
 rule identifiers:
     """Give every image a unique identifier under a scheme with code vectors (kmeans, rq, avg)."""
     input:
@@ -38,11 +28,11 @@ rule identifiers:
         stats=f"{DATA}/identifiers/{{scheme}}.json",
         codebook=f"{DATA}/identifiers/{{scheme}}.codebook.npy",
     wildcard_constraints:
-        scheme="kmeans|rq|avg",
+        scheme=one_of([s for s in dag.SCHEMES if dag.has_codebook(s)]),
     log:
         f"logs/{DATASET}/identifiers_{{scheme}}.log",
     params:
-        cfg=lambda wildcards: cfg_json("identifiers", drop=[s for s in ("atomic", "kmeans") if s != wildcards.scheme]),
+        cfg=lambda wildcards: cfg_json("identifiers", drop=dag.identifiers_unread(wildcards.scheme)),
         tokenizer=lambda wildcards, input: f"--tokenizer {input.tokenizer}" if "tokenizer" in input.keys() else "",
         outdir=lambda wildcards, output: os.path.dirname(output.table),
     threads: step_threads("identifiers")
@@ -64,7 +54,7 @@ rule identifiers_atomic:
     log:
         f"logs/{DATASET}/identifiers_atomic.log",
     params:
-        cfg=cfg_json("identifiers", drop=("kmeans",)),
+        cfg=cfg_json("identifiers", drop=dag.identifiers_unread("atomic")),
         outdir=lambda wildcards, output: os.path.dirname(output.table),
     threads: step_threads("identifiers")
     resources:

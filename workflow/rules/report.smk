@@ -15,6 +15,7 @@ rule report:
         curves=report(f"{REPORT}/training_curves.png", caption="../report/training_curves.rst", category="Training"),
         util=report(f"{REPORT}/codebook_utilisation.png", caption="../report/codebook_utilisation.rst", category="Identifiers"),
         eff=report(f"{REPORT}/efficiency.png", caption="../report/efficiency.rst", category="Efficiency"),
+        tradeoff=report(f"{REPORT}/tradeoff.png", caption="../report/tradeoff.rst", category="Retrieval"),
         metrics=f"{REPORT}/metrics.json",
         recall_csv=f"{REPORT}/plots/recall_at_k.csv",
         util_csv=f"{REPORT}/plots/utilisation.csv",
@@ -22,7 +23,7 @@ rule report:
         f"logs/{DATASET}/report.log",
     params:
         cfg=cfg_json("report"),
-        dataset_dir=DATA,
+        dataset_dir=lambda wildcards, input: os.path.dirname(input.raw),
         outdir=lambda wildcards, output: os.path.dirname(output.md),
     threads: 1
     resources:

@@ -1,22 +1,3 @@
-def identifier_files(scheme):
-    """The identifier table, its stats and (for every scheme but atomic) its code vectors."""
-    files = {"identifiers": f"{DATA}/identifiers/{scheme}.tsv", "stats": f"{DATA}/identifiers/{scheme}.json"}
-    if scheme != "atomic":
-        files["codebook"] = f"{DATA}/identifiers/{scheme}.codebook.npy"
-    return files
-
-
-def train_cfg(wildcards):
-    """The train slice as the recipe's stage reads it (avg.methods.train_config: its overrides applied, the
-    other stage's slice and unused pseudo_queries left out, so changing those reruns nothing here)."""
-    return json.dumps(recipes.train_config(config, RECIPES[wildcards.name]), sort_keys=True)
-
-
-def recipe_json(wildcards):
-    """Just this recipe and the ones it continues: changing another recipe reruns nothing here."""
-    return json.dumps(recipe_chain(wildcards.name), sort_keys=True)
-
-
 rule train_generative:
     """Generative stage of a recipe: cross-entropy from each training query to its image's identifier; best epoch on val."""
     input:
