@@ -257,3 +257,27 @@ def test_autocast_context_is_a_noop_for_none_and_casts_otherwise():
     with devices.autocast(torch.device("cpu"), torch.bfloat16):
         assert (a @ b).dtype == torch.bfloat16
     assert devices.precision_name(None) == "fp32" and devices.precision_name(torch.bfloat16) == "bf16"
+
+
+def test_a_processor_the_fast_path_cannot_reproduce_runs_itself(tiny_clip_dir, tmp_path, images):
+    """EfficientNet's processor (ALIGN) offsets its rescale to [-1, 1]: the device-side shortcut would feed the model
+    other pixels, so the encoder notices at load time and runs the processor itself, giving its exact output."""
+    from transformers import EfficientNetImageProcessorPil
+
+    folder = tmp_path / "clip-effnet"
+    shutil.copytree(tiny_clip_dir, folder)
+    (folder / "preprocessor_config.json").unlink()
+    EfficientNetImageProcessorPil(size={"height": 32, "width": 32}, rescale_offset=True,
+                                  include_top=False).save_pretrained(folder)
+    enc = DualEncoder(str(folder), device="cpu", num_workers=2)
+    assert not enc._fast and type(enc.processor).__name__ == "EfficientNetImageProcessorPil"
+    reference = enc.processor(images=[load_rgb(p) for p in images], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(enc.pixel_values(images).numpy(), reference, atol=1e-6)
+    assert reference.min() < 0                                            # the offset the shortcut would miss
+    out = enc.encode_images(images, batch_size=2, progress=False)
+    assert out.shape == (len(images), 16) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_clip_and_siglip_take_the_fast_path(encoder, tmp_path):
+    assert encoder._fast
+    assert DualEncoder(str(make_tiny_siglip(tmp_path / "s")), device="cpu", num_workers=1)._fast

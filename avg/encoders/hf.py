@@ -170,6 +170,7 @@ class DualEncoder:
             if normalise else None
         self._std = torch.tensor(proc.image_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) \
             if normalise else None
+        self._fast = self._fast_path_holds()
         # The output width is whatever the text tower projects to (CLIP's projection_dim, SigLIP's hidden size).
         self.dim: int = int(self.encode_texts(["a"], progress=False).shape[1])
 
@@ -178,8 +179,28 @@ class DualEncoder:
         return self.processor(images=[load_rgb(Path(path))], do_rescale=False, do_normalize=False,
                               return_tensors="np")["pixel_values"][0]
 
-    def pixel_values(self, paths: Sequence[Path], pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
-        """[n, 3, H, W] float32 model input on the encoder's device, equal to the image processor's output."""
+    def _full(self, path: Path) -> dict:
+        """The processor's own output for one file (every key it returns)."""
+        return dict(self.processor(images=[load_rgb(Path(path))], return_tensors="np"))
+
+    def _fast_path_holds(self) -> bool:
+        """True when geometry in threads + rescale/normalise on the device gives the processor's output: CLIP and
+        SigLIP processors; not those that offset the rescale (EfficientNet's, ALIGN) or return more than pixels
+        (SigLIP 2's NaFlex patches), which then run the processor itself per image."""
+        import tempfile
+
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "probe.png"
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(probe)
+            full = self._full(probe)
+            if set(full) != {"pixel_values"}:
+                return False
+            fast = self._fast_pixels([probe], None).cpu().numpy()
+        return fast.shape == full["pixel_values"].shape and bool(np.allclose(fast, full["pixel_values"], atol=1e-4))
+
+    def _fast_pixels(self, paths: Sequence[Path], pool: ThreadPoolExecutor | None) -> torch.Tensor:
         arrays = list(pool.map(self._geometry, paths)) if pool is not None else [self._geometry(p) for p in paths]
         x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True).float()
         if self._rescale is not None:
@@ -188,9 +209,20 @@ class DualEncoder:
             x = (x - self._mean) / self._std
         return x
 
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def image_inputs(self, paths: Sequence[Path], pool: ThreadPoolExecutor | None = None) -> dict[str, torch.Tensor]:
+        """The model's image inputs for ``paths`` on the encoder's device, equal to the image processor's output."""
+        if self._fast:
+            return {"pixel_values": self._fast_pixels(paths, pool)}
+        parts = list(pool.map(self._full, paths)) if pool is not None else [self._full(p) for p in paths]
+        return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device) for k in parts[0]}
+
+    def pixel_values(self, paths: Sequence[Path], pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+        """[n, 3, H, W] float32 model input on the encoder's device, equal to the image processor's output."""
+        return self.image_inputs(paths, pool)["pixel_values"].float()
+
+    def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        return _pooled(self.model.get_image_features(pixel_values=pixels, **kwargs))
+        return _pooled(self.model.get_image_features(**inputs, **kwargs))
 
     @torch.inference_mode()
     def encode_images(self, paths: Sequence[Path], batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -200,9 +232,9 @@ class DualEncoder:
         with ThreadPoolExecutor(self.num_workers) as pool, bar:
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
-                pixels = self.pixel_values(chunk, pool)
+                inputs = self.image_inputs(chunk, pool)
                 with devices.autocast(self.device, self.autocast_dtype):
-                    feats = _normalise(self._image_features(pixels))
+                    feats = _normalise(self._image_features(inputs))
                 if out is None:
                     out = np.zeros((len(paths), feats.shape[1]), dtype=np.float32)
                 out[start:start + len(chunk)] = feats
