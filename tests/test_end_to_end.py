@@ -88,6 +88,10 @@ def test_snakemake_then_dvc_over_folder_dataset(tmp_path):
 
     sh(["dvc", "commit", "--force", "--quiet"], work)  # as `make demo` does
     assert "up to date" in sh(["dvc", "status"], work)
+    # a folder Snakemake made hashes as the same folder made by `dvc repro` (no .snakemake_timestamp in it)
+    assert (d / "features" / ".snakemake_timestamp").exists()
+    manifests = list((work / ".dvc" / "cache").rglob("*.dir"))
+    assert manifests and not any(".snakemake_timestamp" in m.read_text() for m in manifests)
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], work)
     assert planned_jobs(work) == set()
 
