@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -29,19 +30,23 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("bridge", "projection", "concat")  # order also breaks ties in "auto": simplest first
 INPUT_FEATURES = ("logits", "log_softmax")
-DEFAULTS: dict = {
-    "variant": "auto",
-    "input_features": "logits",
-    "hidden_dim": 1024,
-    "dropout": 0.5,
-    "temperature": 0.05,
-    "lr": 1e-3,
-    "weight_decay": 0.01,
-    "epochs": 200,
-    "batch_size": 128,
-    "patience": 20,
-    "seed": 0,
-}
+@dataclass
+class AlignmentConfig:
+    """The projection's training settings: the alignment keys of ``features.offline`` (params/features.yaml
+    says what each does; its schema holds the rules). Built with :func:`avg.params.build`."""
+    variant: str                 # auto | bridge | projection | concat
+    input_features: str          # logits | log_softmax
+    hidden_dim: int              # 0 = a single linear layer
+    dropout: float
+    temperature: float
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    patience: int
+    seed: int
+
+
 Log = Callable[[str, float, "int | None"], None]
 
 
@@ -103,20 +108,6 @@ def selection_score(m: dict) -> float:
     return (m["recall@1"] + m["recall@5"] + m["recall@10"]) / 3.0
 
 
-def _check_cfg(cfg: dict) -> None:
-    """The schema should have caught these; fail here too for callers that bypass it."""
-    if cfg["variant"] not in ("auto",) + VARIANTS:
-        raise ValueError(f"variant must be 'auto' or one of {VARIANTS}, got {cfg['variant']!r}")
-    if cfg["input_features"] not in INPUT_FEATURES:
-        raise ValueError(f"input_features must be one of {INPUT_FEATURES}, got {cfg['input_features']!r}")
-    checks = {"hidden_dim": cfg["hidden_dim"] >= 0, "dropout": 0 <= cfg["dropout"] < 1,
-              "temperature": cfg["temperature"] > 0, "lr": cfg["lr"] > 0, "weight_decay": cfg["weight_decay"] >= 0,
-              "epochs": cfg["epochs"] >= 1, "batch_size": cfg["batch_size"] >= 2, "patience": cfg["patience"] >= 1}
-    bad = [k for k, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(f"alignment settings out of range: {({k: cfg[k] for k in bad})}")
-
-
 def _check_splits(image_split, caption_split, caption_image_index, n_images, n_captions):
     image_split = np.asarray(image_split).astype(str)
     caption_split = np.asarray(caption_split).astype(str)
@@ -135,13 +126,13 @@ def _check_splits(image_split, caption_split, caption_image_index, n_images, n_c
 
 def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray,
                      train_captions: np.ndarray, val_images: np.ndarray, val_captions: np.ndarray,
-                     cfg: dict, log: Log) -> tuple[nn.Module, dict]:
+                     cfg: AlignmentConfig, log: Log) -> tuple[nn.Module, dict]:
     """Symmetric InfoNCE of MLP(image features) against frozen caption embeddings.
 
     Each epoch visits every train image once, paired with one of its captions drawn at random, so
     no batch holds two captions of the same image (which would be false negatives).
     """
-    rng = np.random.default_rng(cfg["seed"])
+    rng = np.random.default_rng(cfg.seed)
     by_image: dict[int, list[int]] = {}
     for j in train_captions:
         by_image.setdefault(int(cii[j]), []).append(int(j))
@@ -151,9 +142,9 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
 
     x_all = torch.from_numpy(features)
     t_all = torch.from_numpy(np.ascontiguousarray(text_emb, dtype=np.float32))
-    model = build_mlp(features.shape[1], text_emb.shape[1], cfg["hidden_dim"], cfg["dropout"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    tau, bs = cfg["temperature"], cfg["batch_size"]
+    model = build_mlp(features.shape[1], text_emb.shape[1], cfg.hidden_dim, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tau, bs = cfg.temperature, cfg.batch_size
 
     # Per-epoch validation embeds only the val images (the corpus may be 100k images).
     x_val = x_all[val_images]
@@ -170,7 +161,7 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
     best = (-1.0, -1.0)
     best_state, best_epoch, stale, epoch = copy.deepcopy(model.state_dict()), 0, 0, 0
     model.train()
-    bar = tqdm(range(1, cfg["epochs"] + 1), desc="alignment", unit="epoch", mininterval=1.0)
+    bar = tqdm(range(1, cfg.epochs + 1), desc="alignment", unit="epoch", mininterval=1.0)
     for epoch in bar:
         order = rng.permutation(train_images)
         caps = np.array([by_image[i][rng.integers(len(by_image[i]))] for i in order])
@@ -198,7 +189,7 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if stale >= cfg["patience"]:
+            if stale >= cfg.patience:
                 break
     bar.close()
     model.load_state_dict(best_state)
@@ -209,17 +200,12 @@ def train_projection(features: np.ndarray, text_emb: np.ndarray, cii: np.ndarray
 
 def fit_alignment(image_logits: np.ndarray, bridge_emb: np.ndarray, text_emb: np.ndarray,
                   caption_image_index: np.ndarray, image_split: np.ndarray, caption_split: np.ndarray,
-                  cfg: dict, log: Log) -> tuple[np.ndarray, np.ndarray, dict]:
+                  cfg: AlignmentConfig, log: Log) -> tuple[np.ndarray, np.ndarray, dict]:
     """Embeddings of all images and all captions in the chosen variant's space, and a report.
 
-    ``cfg`` is the alignment slice (keys of :data:`DEFAULTS`; missing keys take those defaults).
+    ``cfg``: the alignment settings (:class:`AlignmentConfig`).
     Only train pairs fit the projection and only val pairs choose epochs and variant.
     """
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown alignment keys: {sorted(unknown)}")
-    cfg = {**DEFAULTS, **cfg}
-    _check_cfg(cfg)
     logits = np.asarray(image_logits, dtype=np.float32)
     bridge_emb = l2_normalise(bridge_emb)
     text_emb = l2_normalise(text_emb)
@@ -232,20 +218,20 @@ def fit_alignment(image_logits: np.ndarray, bridge_emb: np.ndarray, text_emb: np
     val_images = np.flatnonzero(image_split == "val")
     train_captions = np.flatnonzero(caption_split == "train")
     val_captions = np.flatnonzero(caption_split == "val")
-    wanted = VARIANTS if cfg["variant"] == "auto" else (cfg["variant"],)
-    needs_val = cfg["variant"] != "bridge"
+    wanted = VARIANTS if cfg.variant == "auto" else (cfg.variant,)
+    needs_val = cfg.variant != "bridge"
     if needs_val and (len(val_images) == 0 or len(val_captions) == 0):
-        raise ValueError(f"variant {cfg['variant']!r} needs validation images and captions; the val split is empty")
+        raise ValueError(f"variant {cfg.variant!r} needs validation images and captions; the val split is empty")
 
     candidates: dict[str, np.ndarray] = {"bridge": bridge_emb}
-    report: dict = {"epochs_trained": 0, "best_epoch": None, "input_features": cfg["input_features"],
+    report: dict = {"epochs_trained": 0, "best_epoch": None, "input_features": cfg.input_features,
                     "n_train_captions": int(len(train_captions)), "n_val_captions": int(len(val_captions)),
                     "n_val_images": int(len(val_images))}
     if any(v in wanted for v in ("projection", "concat")):
-        features = image_inputs(logits, cfg["input_features"], train_images)
+        features = image_inputs(logits, cfg.input_features, train_images)
         # fork_rng: seed init and dropout here without moving the caller's global torch RNG.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg["seed"])
+            torch.manual_seed(cfg.seed)
             model, fit = train_projection(features, text_emb, cii, train_captions, val_images,
                                           val_captions, cfg, log)
             with torch.no_grad():
@@ -261,9 +247,9 @@ def fit_alignment(image_logits: np.ndarray, bridge_emb: np.ndarray, text_emb: np
     if len(val_images) and len(val_captions):
         report["val"] = {v: val_metrics(candidates[v], texts_for(v), val_images, val_captions, cii)
                          for v in wanted}
-    if cfg["variant"] == "auto":
+    if cfg.variant == "auto":
         chosen = max(wanted, key=lambda v: selection_score(report["val"][v]))  # first wins ties
     else:
-        chosen = cfg["variant"]
+        chosen = cfg.variant
     report["chosen"] = chosen
     return candidates[chosen].astype(np.float32), texts_for(chosen).astype(np.float32), report

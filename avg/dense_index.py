@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from avg.errors import UserError
 from avg.metrics import dense_topk
 
 logger = logging.getLogger(__name__)
@@ -39,10 +38,6 @@ MIN_POINTS_PER_LIST = 39
 # k-means trains on at most this many points per list: enough for stable centroids, and it keeps the
 # build O(nlist² · dim) rather than O(n · nlist · dim) per iteration (faiss' own cap is 256)
 TRAIN_POINTS_PER_LIST = 64
-DEFAULTS = {"index": "exact", "ivf": {"nlist": None, "nprobe": 16},
-            "hnsw": {"m": 32, "ef_construction": 200, "ef_search": 64}}
-
-
 @dataclass
 class DenseIndex:
     """A built index: ``kind``, the corpus shape, the parameters actually used (after clamping)."""
@@ -53,50 +48,6 @@ class DenseIndex:
     index: Any = None                 # faiss index, or the float32 corpus matrix for ``exact``
     build_seconds: float = 0.0
     threads: int | None = None
-
-
-def _bad(key: str, value, allowed: str) -> UserError:
-    return UserError(f"{PARAMS_FILE}: {KEY}.{key} = {value!r} is not allowed ({allowed}); fix it in {PARAMS_FILE}")
-
-
-def _int_param(section: dict, name: str, key: str, minimum: int, allow_none: bool = False):
-    value = section.get(name)
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _bad(key, value, f"an integer >= {minimum}" + (" or null" if allow_none else ""))
-    return int(value)
-
-
-def check_config(cfg: dict | None) -> dict:
-    """The ``evaluate.dense`` slice with defaults filled in; :class:`UserError` naming the key when it is wrong.
-
-    The schema (avg/schemas/evaluate.schema.json) already checks the params file; this check also covers
-    callers that build the dict themselves (tests, the benchmark).
-    """
-    cfg = dict(cfg or {})
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise UserError(f"{PARAMS_FILE}: unknown key(s) {sorted(unknown)} under {KEY} (allowed: {', '.join(DEFAULTS)})")
-    kind = cfg.get("index", DEFAULTS["index"])
-    if kind not in KINDS:
-        raise _bad("index", kind, "one of " + ", ".join(KINDS))
-    out = {"index": kind}
-    for section in ("ivf", "hnsw"):
-        given = cfg.get(section) or {}
-        if not isinstance(given, dict):
-            raise _bad(section, given, "a mapping")
-        extra = set(given) - set(DEFAULTS[section])
-        if extra:
-            raise UserError(f"{PARAMS_FILE}: unknown key(s) {sorted(extra)} under {KEY}.{section} "
-                            f"(allowed: {', '.join(DEFAULTS[section])})")
-        out[section] = {**DEFAULTS[section], **given}
-    _int_param(out["ivf"], "nlist", "ivf.nlist", 1, allow_none=True)
-    _int_param(out["ivf"], "nprobe", "ivf.nprobe", 1)
-    _int_param(out["hnsw"], "m", "hnsw.m", 2)
-    _int_param(out["hnsw"], "ef_construction", "hnsw.ef_construction", 1)
-    _int_param(out["hnsw"], "ef_search", "hnsw.ef_search", 1)
-    return out
 
 
 def set_threads(threads: int | None) -> None:
@@ -141,11 +92,16 @@ def build_index(corpus: np.ndarray, kind: str = "exact", ivf: dict | None = None
                 threads: int | None = None, seed: int = 0) -> DenseIndex:
     """Index ``corpus [n, dim]`` (L2-normalised float32 rows) for inner-product search.
 
-    ``ivf``: ``{nlist, nprobe}``; ``hnsw``: ``{m, ef_construction, ef_search}`` (missing keys take
-    :data:`DEFAULTS`; out-of-range values raise :class:`UserError` naming the key). ``threads``: faiss'
-    OpenMP threads for the build and later searches. ``seed``: the IVF k-means' sample and initialisation.
+    ``ivf``: ``{nlist, nprobe}`` (needed for ``ivf``); ``hnsw``: ``{m, ef_construction, ef_search}`` (needed
+    for ``hnsw``): the ``evaluate.dense`` slice of params/evaluate.yaml, whose schema checks the values.
+    ``threads``: faiss' OpenMP threads for the build and later searches. ``seed``: the IVF k-means' sample
+    and initialisation.
     """
-    cfg = check_config({"index": kind, "ivf": ivf or {}, "hnsw": hnsw or {}})
+    if kind not in KINDS:
+        raise ValueError(f"{KEY}.index = {kind!r}: expected one of {', '.join(KINDS)} ({PARAMS_FILE})")
+    needed = {"ivf": ivf, "hnsw": hnsw}.get(kind, {})
+    if needed is None:
+        raise ValueError(f"a {kind} index needs its settings ({kind}=..., the {KEY}.{kind} slice of {PARAMS_FILE})")
     corpus = _as_matrix(corpus)
     n, dim = corpus.shape
     if n == 0:
@@ -161,8 +117,8 @@ def build_index(corpus: np.ndarray, kind: str = "exact", ivf: dict | None = None
         index.add(corpus)
         params: dict = {}
     elif kind == "ivf":
-        nlist = ivf_lists(n, cfg["ivf"]["nlist"])
-        nprobe = min(cfg["ivf"]["nprobe"], nlist)
+        nlist = ivf_lists(n, ivf["nlist"])
+        nprobe = min(ivf["nprobe"], nlist)
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = int(seed)
@@ -172,9 +128,9 @@ def build_index(corpus: np.ndarray, kind: str = "exact", ivf: dict | None = None
         index.train(corpus[rows])
         index.add(corpus)
         index.nprobe = nprobe
-        params = {"nlist": nlist, "nprobe": nprobe, "nlist_requested": cfg["ivf"]["nlist"], "train_points": n_train}
+        params = {"nlist": nlist, "nprobe": nprobe, "nlist_requested": ivf["nlist"], "train_points": n_train}
     else:  # hnsw
-        h = cfg["hnsw"]
+        h = {k: hnsw[k] for k in ("m", "ef_construction", "ef_search")}
         index = faiss.IndexHNSWFlat(dim, h["m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = h["ef_construction"]
         index.add(corpus)

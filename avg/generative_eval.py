@@ -6,8 +6,8 @@ which map back to corpus images. Rankings therefore index ``features.split(split
 corpus order as the dense baseline) and hold ``-1`` where the beam found fewer identifiers.
 
 The lead's evaluate step calls :func:`evaluate_generative` and writes ``eval/<method>.json`` and the
-rankings; the keys it needs from ``params/evaluate.yaml`` are ``split``, ``ks`` and ``generative``
-(:data:`DEFAULTS` lists the latter's keys).
+rankings; the keys it needs from ``params/evaluate.yaml`` are ``split``, ``ks`` and ``generative`` (num_beams,
+batch_size, latency_queries, max_queries, device, decoder: the yaml says what each does).
 """
 from __future__ import annotations
 
@@ -26,17 +26,6 @@ from avg.timing import time_queries
 from avg.trie import read_identifiers
 
 logger = logging.getLogger(__name__)
-
-# evaluate.generative defaults (params/evaluate.yaml holds the values; these document and back-fill them)
-DEFAULTS = {
-    "num_beams": 10,         # beam size = ranking depth; >= max(ks) or Recall@K would under-count
-    "batch_size": 32,        # captions decoded together (QPS figure)
-    "latency_queries": 100,  # captions decoded one at a time for the latency figure
-    "max_queries": None,     # evaluate only the first N captions (null = all)
-    "device": "cpu",         # cpu | auto | cuda | cuda:N
-    "decoder": "fast",       # fast (avg.decode.beam_search) | generate (transformers' reference path)
-}
-
 
 def load_corpus_identifiers(identifiers_tsv: str | Path, images: pd.Series) -> np.ndarray:
     """Identifier codes ``[n, L]`` of ``images`` (in that order) from a scheme's identifier table."""
@@ -89,12 +78,9 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     if "generative" not in cfg:
         raise UserError("generative evaluation needs the evaluate.generative slice of params/evaluate.yaml (num_beams, "
                         "batch_size, latency_queries, max_queries, device, decoder); it is missing from the params given")
-    g = {**DEFAULTS, **cfg["generative"]}
-    split = split or cfg.get("split", "test")
-    ks = list(cfg.get("ks", (1, 5, 10)))
-    if max(ks) > g["num_beams"]:
-        raise UserError(f"evaluate.generative.num_beams ({g['num_beams']}) is below the largest of evaluate.ks "
-                        f"({max(ks)}): Recall@{max(ks)} would count gold images beyond the beam as misses; raise num_beams")
+    g = cfg["generative"]
+    split = split or cfg["split"]
+    ks = list(cfg["ks"])      # num_beams >= max(ks) is checked with the params (avg.params.cross_checks)
     if checkpoint_dir is None or not Path(checkpoint_dir).exists():
         raise UserError(f"checkpoint {checkpoint_dir} not found: run `avg train` first")
     if identifiers_tsv is None:

@@ -43,17 +43,6 @@ def check_scheme(scheme: str, source: str = "--scheme") -> None:
                       "the recipes of params/methods.yaml name the ones the DAG builds)")
 
 
-def check_params(cfg: dict) -> None:
-    if cfg.get("collision_resolution", "append") not in RESOLUTIONS:
-        raise _bad("collision_resolution", f"must be one of {', '.join(RESOLUTIONS)} (got {cfg.get('collision_resolution')!r})")
-    for scheme, size_key in (("atomic", "codebook_size"), ("kmeans", "branching")):
-        sub = cfg.get(scheme, {})
-        if sub.get(size_key, 2) < 2:
-            raise _bad(f"{scheme}.{size_key}", f"must be >= 2 (got {sub.get(size_key)!r})")
-        if sub.get("levels", 1) < 1:
-            raise _bad(f"{scheme}.levels", f"must be >= 1 (got {sub.get('levels')!r})")
-
-
 @dataclass
 class SchemeCodes:
     """A scheme's raw codes, before collision resolution."""
@@ -171,8 +160,7 @@ def _within_group_rank(group: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 def resolve_collisions(sc: SchemeCodes, mode: str) -> tuple[np.ndarray, list[int]]:
     """Unique identifiers [n, L or L+1] and the vocabulary size of each position."""
-    if mode not in RESOLUTIONS:
-        raise _bad("collision_resolution", f"must be one of {', '.join(RESOLUTIONS)} (got {mode!r})")
+    assert mode in RESOLUTIONS, mode    # the schema of params/identifiers.yaml allows only these
     codes = sc.codes.copy()
     group = _groups(codes)
     if np.bincount(group).max(initial=0) <= 1:

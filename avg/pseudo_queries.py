@@ -26,20 +26,9 @@ import numpy as np
 import pandas as pd
 
 from avg.errors import UserError
-from avg.params import ParamsError
 
 # working memory of one chunk of knn_captions (scores and their temporaries), whatever the caption count
 CHUNK_BYTES = 256 * 2**20
-
-
-def check_params(cfg: dict) -> None:
-    """Loud errors for combinations the schema cannot express (file source without a file)."""
-    if cfg["source"] == "file" and not cfg.get("file"):
-        raise ParamsError("params/train.yaml: train.pseudo_queries.source is 'file' but train.pseudo_queries.file "
-                          "is null: give the CSV (columns image, caption) or use source: knn")
-    if not cfg["splits"]:
-        raise ParamsError("params/train.yaml: train.pseudo_queries.splits is empty: list the splits whose images get "
-                          "pseudo-queries, e.g. [val, test]")
 
 
 def knn_captions(image_vecs: np.ndarray, text_vecs: np.ndarray, per_image: int,
@@ -148,7 +137,6 @@ def from_file(path: str | Path, feats, splits: list[str]) -> pd.DataFrame:
 
 def build(feats, cfg: dict) -> pd.DataFrame:
     """The pseudo-queries of ``cfg`` (train.pseudo_queries): columns image, caption, score, source."""
-    check_params(cfg)
     if cfg["source"] == "knn":
         return from_knn(feats, list(cfg["splits"]), int(cfg["per_image"]))
     return from_file(cfg["file"], feats, list(cfg["splits"]))

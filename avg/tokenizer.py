@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -42,20 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avg.params import ParamsError
+from avg import params
 
 logger = logging.getLogger(__name__)
 
 PARAMS_FILE = "params/tokenizer.yaml"
-ALIGN_LOSSES = ("mse", "contrastive")
 UPDATES = ("loss", "ema")
 LOSS_TERMS = ("recon", "align", "codebook", "commit", "total")
 
 LogFn = Callable[[str, float, "int | None"], None]
-
-
-def _bad(key: str, problem: str) -> ParamsError:
-    return ParamsError(f"{PARAMS_FILE}: tokenizer.{key} {problem}")
 
 
 # --------------------------------------------------------------------------- config
@@ -63,84 +58,53 @@ def _bad(key: str, problem: str) -> ParamsError:
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the network from a checkpoint (nanoGPT style)."""
+    """Everything needed to rebuild the network from a checkpoint (nanoGPT style). No defaults: the values
+    live in params/tokenizer.yaml (built by :func:`configs_from_params`) or in a checkpoint."""
 
     dim_in: int
-    hidden: tuple[int, ...] = (256,)
-    latent_dim: int = 64
-    levels: int = 3
-    codebook_size: int = 16
-    shared_codebook: bool = False
-    codebook_update: str = "loss"   # loss (the paper) | ema
-    ema_decay: float = 0.99
-    dropout: float = 0.0
-    batch_norm: bool = False
-    beta: float = 0.25
-    sinkhorn: bool = False          # balanced assignment at the last level (training batches, and per prefix at encode)
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iters: int = 50
+    hidden: tuple[int, ...]
+    latent_dim: int
+    levels: int
+    codebook_size: int
+    shared_codebook: bool
+    codebook_update: str            # loss (the paper) | ema
+    ema_decay: float
+    dropout: float
+    batch_norm: bool
+    beta: float
+    sinkhorn: bool                  # balanced assignment at the last level (training batches, and per prefix at encode)
+    sinkhorn_epsilon: float
+    sinkhorn_iters: int
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    recon_weight: float = 1.0
-    align_weight: float = 1.0
-    align_loss: str = "mse"
-    temperature: float = 0.05
-    kmeans_init: bool = True
-    kmeans_iters: int = 25
-    dead_code_threshold: int = 1
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 0
-    device: str = "cpu"
-    threads: int = 1
-    fit_on: str = "train"      # which images the step passes in (train | corpus); the loop only records it
-
-
-def check_params(cfg: dict) -> None:
-    """Loud, key-naming errors for values the network cannot work with (the schema says the same;
-    this also guards callers that build the dict in code)."""
-    def need(key: str, ok: bool, problem: str) -> None:
-        if not ok:
-            raise _bad(key, f"{problem} (got {cfg.get(key)!r})")
-
-    need("codebook_size", isinstance(cfg.get("codebook_size"), int) and cfg["codebook_size"] >= 2,
-         "must be an integer >= 2: one code cannot tell images apart")
-    need("levels", isinstance(cfg.get("levels"), int) and cfg["levels"] >= 1, "must be an integer >= 1")
-    need("latent_dim", isinstance(cfg.get("latent_dim"), int) and cfg["latent_dim"] >= 1, "must be an integer >= 1")
-    need("hidden", isinstance(cfg.get("hidden"), (list, tuple)) and all(isinstance(h, int) and h >= 1 for h in cfg["hidden"]),
-         "must be a list of positive layer widths ([] = linear encoder/decoder)")
-    need("beta", cfg.get("beta", 0) >= 0, "must be >= 0")
-    need("align_loss", cfg.get("align_loss", "mse") in ALIGN_LOSSES, f"must be one of {', '.join(ALIGN_LOSSES)}")
-    need("align_weight", cfg.get("align_weight", 0) >= 0, "must be >= 0")
-    need("recon_weight", cfg.get("recon_weight", 0) >= 0, "must be >= 0")
-    need("temperature", cfg.get("temperature", 1) > 0, "must be > 0")
-    need("dropout", 0 <= cfg.get("dropout", 0) < 1, "must be in [0, 1)")
-    need("epochs", isinstance(cfg.get("epochs", 1), int) and cfg.get("epochs", 1) >= 1, "must be an integer >= 1")
-    need("batch_size", isinstance(cfg.get("batch_size", 2), int) and cfg.get("batch_size", 2) >= 2, "must be an integer >= 2")
-    need("lr", cfg.get("lr", 1) > 0, "must be > 0")
-    need("sinkhorn_epsilon", cfg.get("sinkhorn_epsilon", 1) > 0, "must be > 0")
-    need("kmeans_iters", cfg.get("kmeans_iters", 1) >= 1, "must be >= 1")
-    need("codebook_update", cfg.get("codebook_update", "loss") in UPDATES, f"must be one of {', '.join(UPDATES)}")
-    need("ema_decay", 0 < cfg.get("ema_decay", 0.99) < 1, "must be in (0, 1)")
-    need("dead_code_threshold", cfg.get("dead_code_threshold", 0) >= 0, "must be >= 0 (0 = never replace)")
+    seed: int
+    recon_weight: float
+    align_weight: float
+    align_loss: str
+    temperature: float
+    kmeans_init: bool
+    kmeans_iters: int
+    dead_code_threshold: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    device: str
+    threads: int
+    fit_on: str                # which images the step passes in (train | corpus); the loop only records it
 
 
 def configs_from_params(cfg: dict, dim_in: int) -> tuple[ModelConfig, TrainConfig]:
-    """Split the ``tokenizer`` params slice into the network's config and the training loop's."""
-    check_params(cfg)
-    model_keys = {f.name for f in fields(ModelConfig)} - {"dim_in"}
-    train_keys = {f.name for f in fields(TrainConfig)}
-    unknown = set(cfg) - model_keys - train_keys
-    if unknown:
-        raise _bad(sorted(unknown)[0], f"is not a tokenizer setting (known: {', '.join(sorted(model_keys | train_keys))})")
-    mc = ModelConfig(dim_in=int(dim_in), **{k: cfg[k] for k in model_keys if k in cfg})
+    """Split the ``tokenizer`` params slice into the network's config and the training loop's.
+
+    The slice is checked against the schema here too (it is the one place the rules live), so a caller
+    that builds the dict in code gets the same key-naming errors as the pipeline."""
+    cfg = params.validate("tokenizer", cfg, PARAMS_FILE)
+    mc, tc = params.build_split((ModelConfig, TrainConfig), {**cfg, "dim_in": int(dim_in)}, "tokenizer")
     mc.hidden = tuple(int(h) for h in mc.hidden)
-    tc = TrainConfig(**{k: cfg[k] for k in train_keys if k in cfg})
     return mc, tc
 
 

@@ -24,7 +24,6 @@ are broadcast, so all ranks take the same best-epoch and early-stopping decision
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -50,63 +49,42 @@ from avg.trie import Trie
 
 logger = logging.getLogger(__name__)
 LogFn = Callable[[str, float, "int | None"], None]
-SELECT_METRICS = ("recall@1", "recall@5", "recall@10", "recall_mean")
 
 
+# The stages' configs, built by avg.params.build from params/train.yaml (no defaults here: the yaml and its
+# schema hold every value and rule).
 @dataclass
 class OptimConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 5e-4              # decoder, voken embeddings, projections
-    encoder_lr: float = 5e-5      # the pretrained text encoder: smaller steps keep what it knows
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    patience: int = 8             # epochs without a better validation score before stopping; 0 = never stop early
-    label_smoothing: float = 0.0
-    grad_accum_steps: int = 1     # micro-batches per optimisation step (each rank): same update, less memory
-    precision: str = "auto"       # auto | fp32 | fp16 | bf16 autocast of the forward passes (auto: fp32 on CPU)
-
-    def __post_init__(self):
-        assert self.grad_accum_steps >= 1, self.grad_accum_steps
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OptimConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    epochs: int
+    batch_size: int
+    lr: float                     # decoder, voken embeddings, projections
+    encoder_lr: float             # the pretrained text encoder: smaller steps keep what it knows
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    patience: int                 # epochs without a better validation score before stopping; 0 = never stop early
+    label_smoothing: float | None  # generative cross-entropy only (None in the discriminative stage)
+    grad_accum_steps: int         # micro-batches per optimisation step (each rank): same update, less memory
+    precision: str                # auto | fp32 | fp16 | bf16 autocast of the forward passes (auto: fp32 on CPU)
 
 
 @dataclass
 class RankConfig:
-    num_beams: int = 10           # negatives: the top beams under the training trie
-    loss: str = "listwise"        # listwise | pairwise
-    margin: float = 1.0           # pairwise: required log-prob gap between gold and each negative
-    temperature: float = 1.0      # listwise: softmax temperature over sequence log-probs
-    rank_weight: float = 0.5
-    ce_weight: float = 1.0
-
-    def __post_init__(self):
-        assert self.loss in ("listwise", "pairwise"), self.loss
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RankConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    num_beams: int                # negatives: the top beams under the training trie
+    loss: str                     # listwise | pairwise
+    margin: float                 # pairwise: required log-prob gap between gold and each negative
+    temperature: float            # listwise: softmax temperature over sequence log-probs
+    rank_weight: float
+    ce_weight: float
 
 
 @dataclass
 class ValConfig:
-    num_beams: int = 10
-    batch_size: int = 64
-    select_metric: str = "recall_mean"
-    max_queries: int | None = None   # subsample validation captions (seeded) to bound per-epoch cost
-    every: int = 1                   # validate after every N-th epoch (and the last); patience counts validations
-
-    def __post_init__(self):
-        assert self.select_metric in SELECT_METRICS, self.select_metric
-        assert self.every >= 1, self.every
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ValConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    num_beams: int
+    batch_size: int
+    select_metric: str
+    max_queries: int | None       # subsample validation captions (seeded) to bound per-epoch cost
+    every: int                    # validate after every N-th epoch (and the last); patience counts validations
 
 
 @dataclass
@@ -119,16 +97,12 @@ class AugmentConfig:
     (corpus indexing) and captions meets the region between them too. ``noise``: std of Gaussian noise
     added to every query embedding before renormalising. Neither touches caption tokens.
     """
-    mixup_prob: float = 0.0
-    mixup_max_weight: float = 0.5
-    noise: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    mixup_prob: float
+    mixup_max_weight: float
+    noise: float
 
 
-NO_AUGMENT = AugmentConfig()
+NO_AUGMENT = AugmentConfig(mixup_prob=0.0, mixup_max_weight=0.0, noise=0.0)   # training inputs as given
 
 
 @dataclass

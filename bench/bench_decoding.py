@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    vm = build_model(ModelConfig(voken_init="random", shared_vokens=True, dropout=0.0, encoder=args.encoder),
+    vm = build_model(model_config(voken_init="random", shared_vokens=True, dropout=0.0, encoder=args.encoder),
                      [args.vocab] * args.length, seed=args.seed).to(args.device)
     vm.model.eval()
     from avg.encoders.offline import OfflineEncoder

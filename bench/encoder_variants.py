@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from avg import io, params
-from avg.alignment import fit_alignment
+from avg.alignment import AlignmentConfig, fit_alignment
 from avg.encoders.offline import OfflineEncoder
 from avg.metrics import dense_rankings, retrieval_metrics
 from avg.steps.features import corpus_tables
@@ -40,7 +40,8 @@ def main() -> None:
     for variant in ("bridge", "projection", "concat"):
         img, txt, report = fit_alignment(logits, bridge, text, captions["image_index"].to_numpy(),
                                          images["split"].to_numpy(), captions["split"].to_numpy(),
-                                         {**off, "variant": variant}, lambda *a: None)
+                                         params.build(AlignmentConfig, {**off, "variant": variant}, "features.offline"),
+                                         lambda *a: None)
         ranks = dense_rankings(txt[test_cap], img[test_img], depth=int(test_img.sum()))
         rows[variant] = {"test": retrieval_metrics(ranks, gold), "val": report["val"][variant]}
     out = {"dataset": str(args.raw), "n_test_images": int(test_img.sum()), "n_test_captions": int(test_cap.sum()),

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from avg.alignment import fit_alignment
+from avg import params
+from avg.alignment import AlignmentConfig, fit_alignment
+from helpers_configs import params_slice
 
 N_IMG, N_CLS, DIM, CAPS_PER_IMAGE = 240, 40, 24, 2
 FAST = {"hidden_dim": 64, "dropout": 0.1, "epochs": 40, "batch_size": 64, "patience": 8,
@@ -31,7 +33,10 @@ def data():
 
 
 def fit(data, log=None, **cfg):
-    return fit_alignment(**data, cfg={**FAST, **cfg}, log=log or (lambda *a: None))
+    offline = {k: v for k, v in params_slice("features")["offline"].items()
+               if k not in ("bridge_temperature", "prompt", "image_fit")}
+    config = params.build(AlignmentConfig, {**offline, **FAST, **cfg}, "features.offline")
+    return fit_alignment(**data, cfg=config, log=log or (lambda *a: None))
 
 
 def test_auto_prefers_a_trained_projection_over_an_uninformative_bridge(data):
@@ -101,10 +106,11 @@ def test_inconsistent_or_unknown_inputs_fail_loudly(data):
     bad["caption_split"][0] = "test"   # caption of a train image filed under test
     with pytest.raises(ValueError, match="caption 0"):
         fit(bad)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(params.ParamsError, match="features.offline.learning_rate: is not a setting"):
         fit(data, learning_rate=0.1)
-    with pytest.raises(ValueError, match="variant"):
-        fit(data, variant="best")
+    features = params_slice("features")
+    with pytest.raises(params.ParamsError, match=r"features\.offline\.variant = \"best\""):
+        params.validate("features", {**features, "offline": {**features["offline"], "variant": "best"}}, "t")
     no_val = dict(data)
     no_val["image_split"] = np.where(data["image_split"] == "val", "train", data["image_split"])
     no_val["caption_split"] = no_val["image_split"][data["caption_image_index"]]
@@ -120,5 +126,6 @@ def test_log_softmax_inputs_also_train(data):
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="input_features"):
         fit(data, input_features="softmax")
-    with pytest.raises(ValueError, match="batch_size"):
-        fit(data, batch_size=1)
+    features = params_slice("features")
+    with pytest.raises(params.ParamsError, match=r"features\.offline\.batch_size = 1"):   # the schema's rule
+        params.validate("features", {**features, "offline": {**features["offline"], "batch_size": 1}}, "t")

@@ -13,8 +13,9 @@ import torch  # noqa: E402
 
 from avg import featurestore, io  # noqa: E402
 from avg.decode import retrieve, token_trie  # noqa: E402
-from avg.model import PREFIX_FILE, ModelConfig, VokenModel, build_model  # noqa: E402
-from avg.training import AugmentConfig, Pairs, _batch_queries  # noqa: E402
+from avg.model import PREFIX_FILE, VokenModel, build_model  # noqa: E402
+from helpers_configs import augment_config, model_config, params_slice  # noqa: E402
+from avg.training import Pairs, _batch_queries  # noqa: E402
 from tests.test_training import TINY, nolog, step_cfg, write_synthetic  # noqa: E402
 
 SIZES = [6, 4, 3]
@@ -26,7 +27,7 @@ def codes_all() -> np.ndarray:
 
 
 def model(reads: str, seed: int = 0) -> VokenModel:
-    vm = build_model(ModelConfig(**TINY, voken_init="random", reads=reads, prefix_tokens=3, query_dim=DIM), SIZES, seed=seed)
+    vm = build_model(model_config(TINY, voken_init="random", reads=reads, prefix_tokens=3, query_dim=DIM), SIZES, seed=seed)
     vm.model.eval()
     return vm
 
@@ -94,7 +95,7 @@ def test_mixup_moves_queries_towards_their_image_and_replays_under_a_seed():
     q, v = queries(6, 0), queries(6, 1)
     v[4:] = np.nan                                            # indexing rows: no partner
     pairs = Pairs(["c"] * 6, np.zeros((6, 3), np.int64), np.arange(6), None, q, v)
-    aug = AugmentConfig(mixup_prob=1.0, mixup_max_weight=0.5, noise=0.0)
+    aug = augment_config(mixup_prob=1.0, mixup_max_weight=0.5, noise=0.0)
     torch.manual_seed(0)
     out = _batch_queries(vm, pairs, np.arange(6), aug).numpy()
     torch.manual_seed(0)
@@ -104,7 +105,7 @@ def test_mixup_moves_queries_towards_their_image_and_replays_under_a_seed():
     closer = (out[:4] * v[:4]).sum(1) >= (q[:4] * v[:4]).sum(1) - 1e-6
     assert closer.all() and not np.allclose(out[:4], q[:4])
     np.testing.assert_allclose(out[4:], q[4:], atol=1e-6)    # rows without a partner are left alone
-    plain = _batch_queries(vm, pairs, np.arange(6), AugmentConfig()).numpy()
+    plain = _batch_queries(vm, pairs, np.arange(6), augment_config()).numpy()
     np.testing.assert_array_equal(plain, q)
     assert _batch_queries(model("tokens"), pairs, np.arange(6), aug) is None
 
@@ -157,7 +158,7 @@ def test_train_step_with_indexing_and_mixup_then_evaluate(tmp_path):
     def embed(texts):     # the store's encoder stand-in: a lookup of the store's own caption vectors
         calls.append(len(texts))
         return step.caption_vectors(feats, list(texts))
-    ecfg = {"split": "test", "ks": [1, 5], "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 3}}
+    ecfg = {"split": "test", "ks": [1, 5], "generative": {**params_slice("evaluate")["generative"], "num_beams": 6, "batch_size": 4, "latency_queries": 3}}
     metrics, rankings, _ = evaluate_generative(disc.out, ids, feats, ecfg, nolog, embed=embed)
     assert metrics["reads"] == "both" and metrics["timing_includes_query_embedding"] and calls
     assert (rankings[:, :6] >= 0).all()

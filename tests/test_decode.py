@@ -12,11 +12,12 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from avg.decode import TrieLogitsProcessor, retrieve, token_trie  # noqa: E402
-from avg.model import ModelConfig, build_model  # noqa: E402
+from avg.model import build_model  # noqa: E402
+from helpers_configs import model_config  # noqa: E402
 from avg.trie import prefix_allowed_tokens_fn  # noqa: E402
 
 SIZES = [5, 4, 6]
-TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
             encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
 WORDS = ["red", "apple", "dog", "blue", "house", "a", "small", "lemon", "the", "tree"]
 
@@ -24,7 +25,7 @@ WORDS = ["red", "apple", "dog", "blue", "house", "a", "small", "lemon", "the", "
 @pytest.fixture(scope="module")
 def vm():
     torch.set_num_threads(1)
-    model = build_model(ModelConfig(**TINY, shared_vokens=False, voken_init="random"), SIZES, seed=3)
+    model = build_model(model_config(TINY, shared_vokens=False, voken_init="random"), SIZES, seed=3)
     model.model.eval()
     return model
 
@@ -139,7 +140,7 @@ def test_fast_decoder_returns_what_generate_returns(case):
     """Random tries, random weights (a fresh tiny model per seed), 1-12 beams: the same top-k and scores."""
     codes, caps, beams, seed, shared = case
     torch.set_num_threads(1)
-    model = build_model(ModelConfig(**TINY, shared_vokens=shared, voken_init="random"), SIZES, seed=seed)
+    model = build_model(model_config(TINY, shared_vokens=shared, voken_init="random"), SIZES, seed=seed)
     model.model.eval()
     trie = token_trie(model, codes)
     fast = retrieve(model, caps, trie, num_beams=beams, decoder="fast", batch_size=2)
@@ -172,7 +173,7 @@ def test_lean_decoder_steps_equal_the_models_own_forward(dec_hidden):
     from avg.lean_decoder import supports
 
     cfg = {**TINY, "decoder_hidden": dec_hidden, "decoder_layers": 2, "decoder_ffn": 80}
-    model = build_model(ModelConfig(**cfg, shared_vokens=False, voken_init="random"), SIZES, seed=11)
+    model = build_model(model_config(cfg, shared_vokens=False, voken_init="random"), SIZES, seed=11)
     model.model.eval()
     assert supports(model.model)
     trie = token_trie(model, all_codes()[::2])

@@ -5,7 +5,6 @@ import pytest
 
 from avg import dense_index as DI
 from avg import featurestore
-from avg.errors import UserError
 from avg.metrics import dense_rankings
 
 
@@ -84,11 +83,18 @@ def test_ivf_lists_follow_the_corpus_size(caplog):
                                      ({"index": "hnsw", "hnsw": {"efSearch": 9}}, "evaluate.dense.hnsw"),
                                      ({"indx": "flat"}, "evaluate.dense")])
 def test_bad_index_or_params_name_the_file_and_key(cfg, key):
-    with pytest.raises(UserError) as err:
-        DI.check_config(cfg)
+    from avg import params
+
+    from conftest import REPO
+
+    full = params.load_file(REPO / "params" / "evaluate.yaml", "evaluate")
+    with pytest.raises(params.ParamsError) as err:
+        params.validate("evaluate", {**full, "dense": {**full["dense"], **cfg}}, "params/evaluate.yaml")
     assert "params/evaluate.yaml" in str(err.value) and key in str(err.value)
-    with pytest.raises(UserError, match="evaluate.dense.index"):
+    with pytest.raises(ValueError, match="evaluate.dense.index"):
         DI.build_index(np.eye(4, dtype=np.float32), "lsh")
+    with pytest.raises(ValueError, match="evaluate.dense.hnsw"):
+        DI.build_index(np.eye(4, dtype=np.float32), "hnsw")
 
 
 def test_schema_accepts_the_shipped_block_and_rejects_a_bad_one():
@@ -98,7 +104,6 @@ def test_schema_accepts_the_shipped_block_and_rejects_a_bad_one():
 
     cfg = params.load_file(REPO / "params" / "evaluate.yaml", "evaluate")
     assert cfg["dense"]["index"] == "exact"                            # the default: results do not change
-    assert DI.check_config(cfg["dense"])["index"] == "exact"
     cfg["dense"]["index"] = "ivfpq"
     with pytest.raises(params.ParamsError, match="evaluate.dense.index"):
         params.validate("evaluate", cfg, "params/evaluate.yaml")
@@ -119,11 +124,16 @@ def test_evaluate_dense_reports_the_index_and_its_recall():
     from avg.steps.evaluate import evaluate_dense
 
     feats = _store()
-    base = {"ks": [1, 5, 10], "depth": 20, "latency_queries": 3, "batch_size": 8, "threads": 1}
-    exact_m, exact_r, _ = evaluate_dense(feats, base)                  # no dense block: exact, as before
+    from avg import params
+
+    from conftest import REPO
+
+    dense = params.load_file(REPO / "params" / "evaluate.yaml", "evaluate")["dense"]
+    base = {"ks": [1, 5, 10], "depth": 20, "latency_queries": 3, "batch_size": 8, "threads": 1, "dense": dense}
+    exact_m, exact_r, _ = evaluate_dense(feats, base)                  # the shipped block: exact
     assert np.array_equal(exact_r, dense_rankings(feats.text, feats.image, 20))
     assert "index_recall@10" not in exact_m and exact_m["dense_index"]["kind"] == "exact"
-    hnsw_m, hnsw_r, _ = evaluate_dense(feats, {**base, "dense": {"index": "hnsw", "hnsw": {"m": 8}}})
+    hnsw_m, hnsw_r, _ = evaluate_dense(feats, {**base, "dense": {**dense, "index": "hnsw", "hnsw": {**dense["hnsw"], "m": 8}}})
     assert hnsw_m["index_recall@10"] == pytest.approx(1.0)           # 60 items: the graph finds them all
     assert hnsw_m["dense_index"]["params"]["m"] == 8 and hnsw_m["index_bytes_per_item"] > 16 * 4
     assert hnsw_m["index_build_seconds"] >= 0 and hnsw_m["latency_ms_median"] > 0 and hnsw_m["qps"] > 0
@@ -139,7 +149,7 @@ def test_end_to_end_latency_embeds_the_caption_like_the_features_step():
     feats = _store(n=12, d=384)
     feats.meta["encoder"] = "offline"
     m, _, _ = evaluate_dense(feats, {"ks": [1], "depth": 5, "latency_queries": 4, "batch_size": 2, "threads": 1,
-                                     "dense": {"index": "flat"}})
+                                     "dense": {"index": "flat", "ivf": None, "hnsw": None}})
     assert m["end_to_end_queries"] == 4 and m["qps_end_to_end"] > 0
     assert m["latency_ms_end_to_end_p95"] >= m["latency_ms_end_to_end_median"] > m["latency_ms_median"] > 0
     assert "search only" in m["end_to_end_note"]

@@ -13,13 +13,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from avg.decode import token_trie  # noqa: E402
-from avg.model import ModelConfig, VokenModel, build_model  # noqa: E402
-from avg.training import Checkpointer, OptimConfig, Pairs, RankConfig, ValConfig, train_discriminative, train_generative  # noqa: E402
+from avg.model import VokenModel, build_model  # noqa: E402
+from helpers_configs import model_config, optim_config, rank_config, val_config  # noqa: E402
+from avg.training import Checkpointer, Pairs, train_discriminative, train_generative  # noqa: E402
 
 # Tiny and with every dropout off (decoder AND the random encoder), so runs are deterministic and
 # equality is a matter of arithmetic, not of random masks.
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
+TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
             voken_init="random",
             encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                    **NO_DROPOUT))
@@ -29,7 +30,7 @@ ATOL = 1e-5
 
 
 def tiny_model(seed: int = 0) -> VokenModel:
-    return build_model(ModelConfig(**TINY), [8, 8, 8], seed=seed)
+    return build_model(model_config(TINY), [8, 8, 8], seed=seed)
 
 
 def pairs_for(vm: VokenModel, n: int = N_PAIRS) -> Pairs:
@@ -41,11 +42,11 @@ def pairs_for(vm: VokenModel, n: int = N_PAIRS) -> Pairs:
 
 def optim(**kw) -> OptimConfig:
     # warm-up 0 so the very first step moves the weights; clipping on: it must see the global gradient
-    return OptimConfig(**{"epochs": 1, "batch_size": 8, "lr": 5e-3, "encoder_lr": 5e-3, "warmup_ratio": 0.0,
+    return optim_config(**{"epochs": 1, "batch_size": 8, "lr": 5e-3, "encoder_lr": 5e-3, "warmup_ratio": 0.0,
                           "patience": 0, "grad_clip": 0.5, **kw})
 
 
-VAL = ValConfig(num_beams=2, batch_size=32, max_queries=4)
+VAL = val_config(num_beams=2, batch_size=32, max_queries=4)
 
 
 def nolog(name, value, step):
@@ -64,7 +65,7 @@ def train_disc(state_dir, accum: int = 1) -> tuple[dict | None, dict]:
     vm = tiny_model()
     p = pairs_for(vm)
     out = train_discriminative(vm, p, p, optim(grad_accum_steps=accum, lr=1e-3, encoder_lr=1e-3),
-                               RankConfig(num_beams=3), VAL, nolog, Checkpointer(state_dir, "fp"), seed=0)
+                               rank_config(num_beams=3), VAL, nolog, Checkpointer(state_dir, "fp"), seed=0)
     last = Path(state_dir) / "last" / "state.pt"
     return (torch.load(last, weights_only=False)["model"] if last.exists() else None), out
 

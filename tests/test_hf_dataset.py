@@ -15,6 +15,9 @@ from avg import params
 from avg.datasets import hf, source_module
 from avg.errors import UserError
 from conftest import COLOURS, REPO, SHAPES, draw
+from helpers_configs import params_slice
+
+HF = params_slice("data")["hf"]   # the shipped settings; each test sets what it changes
 
 datasets = pytest.importorskip("datasets")
 
@@ -43,7 +46,7 @@ def image_dataset(columns: dict):
 
 def run(tmp_path, path, split_cfg=SPLIT, out="raw", **cfg):
     raw = tmp_path / out
-    stats = hf.prepare({"path": str(path), **cfg}, raw, tmp_path / "cache", None, split_cfg=split_cfg)
+    stats = hf.prepare({**HF, "path": str(path), **cfg}, raw, tmp_path / "cache", None, split_cfg=split_cfg)
     return raw, pd.read_csv(raw / "captions.csv"), stats
 
 
@@ -260,7 +263,7 @@ def small(tmp_path):
 
 def test_null_path_names_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.hf\.path is not set in params/data.yaml"):
-        hf.prepare({"path": None}, tmp_path / "raw", tmp_path / "cache", None, split_cfg=SPLIT)
+        hf.prepare({**HF, "path": None}, tmp_path / "raw", tmp_path / "cache", None, split_cfg=SPLIT)
 
 
 def test_missing_caption_column_names_it_and_the_columns(tmp_path, small):
@@ -344,15 +347,15 @@ def test_local_folder_of_something_else_is_refused(tmp_path):
         run(tmp_path, tmp_path / "nowhere" / "x")
 
 
-def test_unknown_key_is_refused(tmp_path, small):
-    with pytest.raises(UserError, match=r"data\.hf\.captions_column"):
-        run(tmp_path, small, captions_column="caption")
+def test_unknown_key_is_refused():
+    data = params.load_file(REPO / "params" / "data.yaml", "data")
+    with pytest.raises(params.ParamsError, match=r"data\.hf: Additional properties[\s\S]*captions_column"):
+        params.validate("data", {**data, "hf": {**data["hf"], "captions_column": "caption"}}, "params/data.yaml")
 
 
-def test_registered_and_params_match_defaults():
+def test_registered_and_the_schema_checks_its_params():
     assert source_module("hf") is hf
     data = params.load_file(REPO / "params" / "data.yaml", "data")
-    assert data["hf"] == hf.DEFAULTS
     bad = {**data, "source": "hf", "hf": {**data["hf"], "split_map": {"dev": "holdout"}}}
     with pytest.raises(params.ParamsError, match=r"data\.hf\.split_map\.dev"):
         params.validate("data", bad, "params/data.yaml")

@@ -127,9 +127,9 @@ def test_semantic_check_matches_brute_force_over_pairs():
 
 def test_bad_params_and_unknown_scheme_name_the_file_and_key():
     with pytest.raises(ParamsError, match=r"identifiers\.collision_resolution"):
-        ident.check_params(ident_cfg(collision_resolution="drop"))
+        params.validate("identifiers", ident_cfg(collision_resolution="drop"), "t")
     with pytest.raises(ParamsError, match=r"identifiers\.kmeans\.branching"):
-        ident.check_params(ident_cfg(kmeans={"levels": 2, "branching": 1, "iters": 5}))
+        params.validate("identifiers", ident_cfg(kmeans={"levels": 2, "branching": 1, "iters": 5}), "t")
     params.validate("identifiers", ident_cfg(), "defaults")
     for name in ("flickr30k", "coco"):
         over = yaml.safe_load((REPO / "params" / "experiments" / f"{name}.yaml").read_text())["identifiers"]

@@ -8,6 +8,8 @@ import pytest
 
 from avg.datasets import karpathy
 from avg.errors import UserError
+from avg import params
+from conftest import REPO
 
 
 def entry(name, split, captions, filepath=None):
@@ -98,10 +100,13 @@ def test_limit_images_keeps_every_split_and_all_captions():
     assert tiny == {"train": 1, "val": 1, "test": 1}
 
 
-def test_merge_cfg_rejects_unknown_keys_and_tiny_max_images():
-    defaults = {"images_url": None, "max_images": None}
-    assert karpathy.merge_cfg({"max_images": 5}, defaults, "data.x") == {"images_url": None, "max_images": 5}
-    with pytest.raises(UserError, match="data.x.image_url"):
-        karpathy.merge_cfg({"image_url": "a"}, defaults, "data.x")
-    with pytest.raises(UserError, match="at least 3"):
-        karpathy.merge_cfg({"max_images": 2}, defaults, "data.x")
+def test_source_settings_are_checked_by_the_schema():
+    data = params.load_file(REPO / "params" / "data.yaml", "data")
+    with pytest.raises(params.ParamsError, match=r"data\.flickr30k: Additional properties[\s\S]*image_url"):
+        params.validate("data", {**data, "flickr30k": {**data["flickr30k"], "image_url": "a"}}, "params/data.yaml")
+    with pytest.raises(params.ParamsError, match=r"data\.coco\.max_images = 2"):
+        params.validate("data", {**data, "coco": {**data["coco"], "max_images": 2}}, "params/data.yaml")
+    with pytest.raises(params.ParamsError, match=r"data\.hf: 'on_bad' is a required property"):
+        params.validate("data", {**data, "hf": {k: v for k, v in data["hf"].items() if k != "on_bad"}}, "params/data.yaml")
+    with pytest.raises(params.ParamsError, match=r"data\.coco: missing: data\.source is 'coco'"):
+        params.validate("data", {**{k: v for k, v in data.items() if k != "coco"}, "source": "coco"}, "params/data.yaml")

@@ -10,9 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from avg.decode import retrieve, token_trie  # noqa: E402
-from avg.model import ModelConfig, VokenModel, VokenSpec, build_model, default_encoder_path, voken_init_vectors  # noqa: E402
+from helpers_configs import model_config  # noqa: E402
+from avg.model import VokenModel, VokenSpec, build_model, default_encoder_path, voken_init_vectors  # noqa: E402
 
-TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
             encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
 
 
@@ -46,7 +47,7 @@ def test_codebook_init_keeps_the_codebook_geometry():
 def test_build_initialises_tied_voken_embeddings_from_the_codebook():
     rng = np.random.default_rng(1)
     cb = rng.standard_normal((3, 6, 32)).astype(np.float32)
-    vm = build_model(ModelConfig(**TINY, shared_vokens=False), [6, 6, 6, 2], cb)
+    vm = build_model(model_config(TINY, shared_vokens=False), [6, 6, 6, 2], cb)
     dec = vm.model.get_decoder()
     emb = dec.get_input_embeddings().weight.detach().numpy()
     assert dec.get_output_embeddings().weight.data_ptr() == dec.get_input_embeddings().weight.data_ptr()
@@ -59,7 +60,7 @@ def test_build_initialises_tied_voken_embeddings_from_the_codebook():
 
 
 def test_save_load_round_trip_gives_the_same_scores(tmp_path):
-    vm = build_model(ModelConfig(**TINY, voken_init="random"), [4, 4], seed=5)
+    vm = build_model(model_config(TINY, voken_init="random"), [4, 4], seed=5)
     vm.model.eval()
     codes = np.array([[0, 1], [2, 3], [3, 3]])
     trie = token_trie(vm, codes)
@@ -80,14 +81,14 @@ def test_load_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_freeze_encoder_leaves_only_the_decoder_trainable():
-    vm = build_model(ModelConfig(**TINY, voken_init="random", freeze_encoder=True), [4, 4])
+    vm = build_model(model_config(TINY, voken_init="random", freeze_encoder=True), [4, 4])
     assert not any(p.requires_grad for p in vm.model.get_encoder().parameters())
     assert all(p.requires_grad for p in vm.model.get_decoder().parameters())
 
 
 def test_codebook_init_without_a_codebook_is_a_clear_error():
     with pytest.raises(ValueError, match="voken_init='random'"):
-        build_model(ModelConfig(**TINY), [4, 4], codebook=None)
+        build_model(model_config(TINY), [4, 4], codebook=None)
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def tiny_t5(tmp_path):
 
 def test_t5_path_adds_vokens_and_decodes_constrained(tiny_t5, tmp_path):
     cb = np.random.default_rng(0).standard_normal((2, 6, 48)).astype(np.float32)
-    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), shared_vokens=True), [6, 6, 3], cb)
+    vm = build_model(model_config(backbone="t5", encoder=str(tiny_t5), shared_vokens=True), [6, 6, 3], cb)
     n_text = 30522
     assert vm.spec.first_id == n_text and vm.vocab_size == n_text + 6
     assert vm.tokenizer.convert_ids_to_tokens(n_text + 5) == "<v_5>"
@@ -129,7 +130,7 @@ def test_t5_fast_decoder_returns_what_generate_returns(tiny_t5):
     rng = np.random.default_rng(1)
     allc = np.stack(np.meshgrid(*[np.arange(k) for k in (6, 6, 3)], indexing="ij"), -1).reshape(-1, 3)
     for shared in (True, False):
-        vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), shared_vokens=shared, voken_init="random"),
+        vm = build_model(model_config(backbone="t5", encoder=str(tiny_t5), shared_vokens=shared, voken_init="random"),
                          [6, 6, 3], seed=2)
         with torch.no_grad():   # distinct voken rows: a random tiny T5's new tokens are near copies, i.e. all ties
             w = vm.model.lm_head.weight
@@ -145,7 +146,7 @@ def test_t5_fast_decoder_returns_what_generate_returns(tiny_t5):
 
 def test_t5_frozen_encoder_keeps_the_shared_voken_embeddings_trainable(tiny_t5):
     """T5 ties encoder, decoder and head embeddings: freezing the encoder must not freeze the vokens."""
-    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), freeze_encoder=True, voken_init="random"), [6, 6, 3])
+    vm = build_model(model_config(backbone="t5", encoder=str(tiny_t5), freeze_encoder=True, voken_init="random"), [6, 6, 3])
     assert vm.model.shared.weight.requires_grad
     enc_only = [p for n, p in vm.model.get_encoder().named_parameters() if "embed_tokens" not in n]
     assert enc_only and not any(p.requires_grad for p in enc_only)
@@ -156,7 +157,7 @@ def test_t5_reads_the_query_embedding_and_keeps_it_through_a_checkpoint(tiny_t5,
     the checkpoint keeps the projection (issue 12: both backbones)."""
     from test_decode import same_beams
 
-    vm = build_model(ModelConfig(backbone="t5", encoder=str(tiny_t5), voken_init="random", reads="both",
+    vm = build_model(model_config(backbone="t5", encoder=str(tiny_t5), voken_init="random", reads="both",
                                  prefix_tokens=2, query_dim=5), [6, 6, 3], seed=3)
     with torch.no_grad():
         w = vm.model.lm_head.weight
@@ -188,7 +189,7 @@ def test_minilm_backbone_loads_any_text_encoder_through_automodel(tmp_path):
     DistilBertModel(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
                                      max_position_embeddings=40, pad_token_id=tok.pad_token_id)).save_pretrained(folder)
     tok.save_pretrained(folder)
-    cfg = ModelConfig(**{**TINY, "encoder_init": "pretrained", "encoder_overrides": {}}, encoder=str(folder),
+    cfg = model_config(TINY, {"encoder_init": "pretrained", "encoder_overrides": {}}, encoder=str(folder),
                       voken_init="random")
     vm = build_model(cfg, [4, 4], seed=1)
     assert type(vm.model.encoder).__name__ == "DistilBertModel" and not lean_decoder.supports_encoder(vm.model)

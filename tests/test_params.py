@@ -99,3 +99,52 @@ def test_a_misspelt_top_level_key_in_an_override_is_refused_by_snakemake(tmp_pat
     out = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1", "--configfile", "typo.yaml"],
                          cwd=work, capture_output=True, text=True)
     assert out.returncode != 0 and "'trian' (did you mean 'train'?)" in out.stdout + out.stderr
+
+
+def test_config_objects_come_from_the_params_files_alone():
+    """Every step config is a dataclass without defaults, built from the shipped yaml by avg.params.build:
+    the yaml (and its schema) is the one place a value lives; a missing or unknown key names itself."""
+    import dataclasses
+
+    from avg import alignment, model, tokenizer, training
+
+    from helpers_configs import params_slice
+
+    train, features = params_slice("train"), params_slice("features")
+    built = {
+        model.ModelConfig: params.build(model.ModelConfig, train["model"], "train.model", query_dim=0),
+        training.OptimConfig: params.build(training.OptimConfig, {**train["generative"], "precision": train["precision"]},
+                                           "train.generative"),
+        training.ValConfig: params.build(training.ValConfig, train["validation"], "train.validation"),
+        training.AugmentConfig: params.build(training.AugmentConfig, train["augment"], "train.augment"),
+        alignment.AlignmentConfig: params.build(
+            alignment.AlignmentConfig, {k: v for k, v in features["offline"].items()
+                                        if k not in ("bridge_temperature", "prompt", "image_fit")}, "features.offline"),
+    }
+    optim, rank = params.build_split((training.OptimConfig, training.RankConfig),
+                                     {**train["discriminative"], "precision": train["precision"], "label_smoothing": None},
+                                     "train.discriminative")
+    mc, tc = tokenizer.configs_from_params(params_slice("tokenizer"), 12)
+    built.update({training.RankConfig: rank, tokenizer.ModelConfig: mc, tokenizer.TrainConfig: tc})
+    for cls, obj in built.items():
+        assert isinstance(obj, cls)
+        defaulted = [f.name for f in dataclasses.fields(cls)
+                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not defaulted, f"{cls.__qualname__} defaults {defaulted}: the value belongs in params/"
+    assert optim.epochs == train["discriminative"]["epochs"] and mc.hidden == tuple(params_slice("tokenizer")["hidden"])
+    with pytest.raises(params.ParamsError, match=r"train\.model\.decoder_layer: is not a setting here[\s\S]*"
+                                                 r"train\.model\.decoder_layers: missing[\s\S]*params/train\.yaml"):
+        params.build(model.ModelConfig, {**{k: v for k, v in train["model"].items() if k != "decoder_layers"},
+                                         "decoder_layer": 2}, "train.model", query_dim=0)
+    with pytest.raises(params.ParamsError, match=r"train\.discriminative: lr_warm is not a setting here"):
+        params.build_split((training.OptimConfig, training.RankConfig), {**train["discriminative"], "lr_warm": 1},
+                           "train.discriminative")
+
+
+def test_decoder_width_must_split_over_heads_at_validation():
+    from helpers_configs import params_slice
+
+    train = params_slice("train")
+    bad = {**train, "model": {**train["model"], "decoder_hidden": 100, "decoder_heads": 6}}
+    with pytest.raises(params.ParamsError, match=r"train\.model\.decoder_hidden: 100 is not divisible"):
+        params.validate("train", bad, "params/train.yaml")

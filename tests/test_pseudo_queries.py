@@ -89,8 +89,13 @@ def test_file_source_filters_splits_and_names_bad_input(tmp_path):
         PQ.build(feats, {**CFG, "source": "file", "file": str(bad)})
     with pytest.raises(UserError, match="does not exist"):
         PQ.build(feats, {**CFG, "source": "file", "file": str(tmp_path / "missing.csv")})
-    with pytest.raises(ParamsError, match="train.pseudo_queries.file"):
-        PQ.build(feats, {**CFG, "source": "file", "file": None})
+    from avg import params
+
+    from helpers_configs import params_slice
+
+    train = params_slice("train")
+    with pytest.raises(ParamsError, match="train.pseudo_queries.file: is null but train.pseudo_queries.source is 'file'"):
+        params.validate("train", {**train, "pseudo_queries": {**train["pseudo_queries"], "source": "file", "file": None}}, "t")
 
 
 def test_extra_pairs_reuse_train_rows_and_append_new_images():

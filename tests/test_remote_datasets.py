@@ -16,6 +16,9 @@ from PIL import Image
 
 from avg.datasets import coco, flickr30k, http, karpathy
 from avg.errors import UserError
+from helpers_configs import params_slice
+
+DATA = params_slice("data")   # the shipped source settings; each test sets what it changes
 
 
 def jpeg(seed: int) -> bytes:
@@ -86,7 +89,7 @@ def md5(path: Path) -> str:
 
 def test_flickr30k_over_http(site, tmp_path):
     root, url = site
-    cfg = {"images_url": f"{url}/flickr30k-images.zip", "annotations_url": f"{url}/caption_datasets.zip",
+    cfg = {**DATA["flickr30k"], "images_url": f"{url}/flickr30k-images.zip", "annotations_url": f"{url}/caption_datasets.zip",
            "images_md5": md5(root / "flickr30k-images.zip"), "retries": 0}
     raw, cache = tmp_path / "flickr30k" / "raw", tmp_path / "cache"
     stats = flickr30k.prepare(cfg, raw, cache, log=None, progress=False)
@@ -115,7 +118,7 @@ def test_flickr30k_over_http(site, tmp_path):
 def test_flickr30k_images_found_in_cache_or_clear_error(site, tmp_path):
     root, url = site
     cache = tmp_path / "cache"
-    cfg = {"images_url": None, "annotations_url": str(root / "caption_datasets.zip")}
+    cfg = {**DATA["flickr30k"], "images_url": None, "annotations_url": str(root / "caption_datasets.zip")}
     with pytest.raises(UserError) as err:
         flickr30k.prepare(cfg, tmp_path / "raw", cache, progress=False)
     msg = str(err.value)
@@ -131,7 +134,7 @@ def test_flickr30k_images_found_in_cache_or_clear_error(site, tmp_path):
 
 def test_coco_two_archives_and_restval(site, tmp_path):
     root, url = site
-    cfg = {"images_url": [f"{url}/train2014.zip", f"{url}/val2014.zip"],
+    cfg = {**DATA["coco"], "images_url": [f"{url}/train2014.zip", f"{url}/val2014.zip"],
            "images_md5": [md5(root / "train2014.zip"), None],
            "annotations_url": f"{url}/caption_datasets.zip", "retries": 0}
     raw = tmp_path / "coco" / "raw"
@@ -149,7 +152,7 @@ def test_coco_two_archives_and_restval(site, tmp_path):
 
 def test_max_images_keeps_each_split(site, tmp_path):
     root, _ = site
-    cfg = {"images_url": [str(root / "train2014.zip"), (root / "val2014.zip").as_uri()],
+    cfg = {**DATA["coco"], "images_url": [str(root / "train2014.zip"), (root / "val2014.zip").as_uri()],
            "images_md5": None, "annotations_url": str(root / "caption_datasets.zip"), "max_images": 4}
     stats = coco.prepare(cfg, tmp_path / "raw", tmp_path / "cache", progress=False)
     assert {s: stats["splits"][s]["images"] for s in ("train", "val", "test")} == {"train": 2, "val": 1, "test": 1}
@@ -159,7 +162,7 @@ def test_max_images_keeps_each_split(site, tmp_path):
 def test_wrong_archive_leaves_nothing_half_written(site, tmp_path):
     root, _ = site
     raw = tmp_path / "raw"
-    cfg = {"images_url": [str(root / "val2014.zip")], "images_md5": None,  # train2014 missing
+    cfg = {**DATA["coco"], "images_url": [str(root / "val2014.zip")], "images_md5": None,  # train2014 missing
            "annotations_url": str(root / "caption_datasets.zip")}
     with pytest.raises(karpathy.DatasetFormatError, match="2 of 6 images") as err:
         coco.prepare(cfg, raw, tmp_path / "cache", progress=False)
@@ -170,7 +173,7 @@ def test_wrong_archive_leaves_nothing_half_written(site, tmp_path):
 
 def test_coco_checksum_pins_must_match_the_archive_list(site, tmp_path):
     root, _ = site
-    cfg = {"images_url": [str(root / "train2014.zip"), str(root / "val2014.zip")], "images_md5": ["0" * 32]}
+    cfg = {**DATA["coco"], "images_url": [str(root / "train2014.zip"), str(root / "val2014.zip")], "images_md5": ["0" * 32]}
     with pytest.raises(UserError, match="data.coco.images_md5 has 1 entries"):
         coco.prepare(cfg, tmp_path / "raw", tmp_path / "cache", progress=False)
     cfg["images_md5"] = [None, "0" * 32]
@@ -186,16 +189,15 @@ def test_corrupt_cached_archive_is_named(site, tmp_path):
     data = (root / "flickr30k-images.zip").read_bytes()
     (cache / "flickr30k-images.zip").write_bytes(data[: len(data) // 2])  # an old interrupted hand copy
     # images_url null: the archive put in the cache by hand is the one used
-    cfg = {"images_url": None, "annotations_url": str(root / "caption_datasets.zip")}
+    cfg = {**DATA["flickr30k"], "images_url": None, "annotations_url": str(root / "caption_datasets.zip")}
     with pytest.raises(http.ArchiveError) as err:
         flickr30k.prepare(cfg, tmp_path / "raw", cache, progress=False)
     assert str(cache / "flickr30k-images.zip") in str(err.value) and "Delete it" in str(err.value)
 
 
-def test_defaults_are_the_public_sources():
-    assert coco.DEFAULTS["images_url"] == ["http://images.cocodataset.org/zips/train2014.zip",
-                                           "http://images.cocodataset.org/zips/val2014.zip"]
-    assert len(coco.image_archives(coco.DEFAULTS)) == 2
-    assert coco.DEFAULTS["annotations_url"] == flickr30k.DEFAULTS["annotations_url"] == karpathy.KARPATHY_URL
-    assert flickr30k.DEFAULTS["images_url"] is None
-
+def test_params_name_the_public_sources():
+    assert DATA["coco"]["images_url"] == ["http://images.cocodataset.org/zips/train2014.zip",
+                                          "http://images.cocodataset.org/zips/val2014.zip"]
+    assert len(coco.image_archives(DATA["coco"])) == 2
+    assert DATA["coco"]["annotations_url"] == DATA["flickr30k"]["annotations_url"] == karpathy.KARPATHY_URL
+    assert DATA["flickr30k"]["images_url"] is None

@@ -12,9 +12,10 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from avg import io, search  # noqa: E402
-from avg.model import ModelConfig, build_model  # noqa: E402
+from avg.model import build_model  # noqa: E402
+from helpers_configs import model_config  # noqa: E402
 
-TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
+TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64,
             voken_init="random", encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         intermediate_size=64))
 
@@ -31,7 +32,7 @@ def dataset(tmp_path_factory):
                           "identifier": [" ".join(map(str, c)) for c in codes]})
     io.write_csv(ds / "identifiers" / "avg.tsv", table, sep="\t")
     io.write_json(ds / "identifiers" / "avg.json", {"position_sizes": [5, 5, 5]})
-    build_model(ModelConfig(**TINY), [5, 5, 5]).save(ds / "checkpoints" / "avg")
+    build_model(model_config(TINY), [5, 5, 5]).save(ds / "checkpoints" / "avg")
     return root, table
 
 
@@ -172,7 +173,7 @@ def test_a_checkpoint_that_reads_the_embedding_gets_the_query_embedded_like_the_
                          "image_index": range(12)})
     featurestore.save(tmp_path / "features", featurestore.Features(img, table[["image", "split"]], img, caps,
                                                                    {"encoder": "offline", "alignment": {"chosen": "bridge"}}))
-    vm = build_model(ModelConfig(**TINY, reads="embedding", query_dim=384), [5, 5, 5], seed=4)
+    vm = build_model(model_config(TINY, reads="embedding", query_dim=384), [5, 5, 5], seed=4)
     vm.save(tmp_path / "emb")
     argv = ["a yellow lemon", "--k", "4", "--dataset", "toy", "--data-root", str(root), "--json",
             "--checkpoint", str(tmp_path / "emb"), "--features", str(tmp_path / "features")]

@@ -195,7 +195,7 @@ def test_contrastive_alignment_trains():
 @pytest.mark.parametrize("key,value", [("codebook_size", 1), ("levels", 0), ("align_loss", "cosine"),
                                        ("hidden", [0]), ("beta", -1.0)])
 def test_bad_params_name_the_file_and_key(key, value):
-    with pytest.raises(ParamsError, match=rf"params/tokenizer\.yaml: tokenizer\.{key}"):
+    with pytest.raises(ParamsError, match=rf"params/tokenizer\.yaml:\n  tokenizer\.{key}(\.\d+)? = "):
         tok.configs_from_params(tiny_cfg(**{key: value}), 12)
 
 

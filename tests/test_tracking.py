@@ -79,7 +79,8 @@ def test_dense_recall_equals_hand_computed_ranking(tmp_path):
 
     _tiny_store(tmp_path / "f", seed=3)
     feats = featurestore.load(tmp_path / "f")
-    cfg = {"ks": [1, 5], "depth": 12, "latency_queries": 3, "batch_size": 4}
+    cfg = {"ks": [1, 5], "depth": 12, "latency_queries": 3, "batch_size": 4, "threads": 1,
+           "dense": {"index": "exact", "ivf": None, "hnsw": None}}
     metrics, rankings, scores = evaluate_dense(feats, cfg)
     sims = feats.text @ feats.image.T
     gold_sims = sims[np.arange(12), np.arange(12)]

@@ -16,11 +16,12 @@ import yaml  # noqa: E402
 
 from avg import featurestore, io  # noqa: E402
 from avg.decode import token_trie  # noqa: E402
-from avg.model import ModelConfig, VokenModel, build_model  # noqa: E402
-from avg.training import (Checkpointer, OptimConfig, Pairs, RankConfig, ValConfig, listwise_loss, pairwise_loss,  # noqa: E402
+from avg.model import VokenModel, build_model  # noqa: E402
+from helpers_configs import model_config, optim_config, params_slice, rank_config, val_config  # noqa: E402
+from avg.training import (Checkpointer, Pairs, listwise_loss, pairwise_loss,  # noqa: E402
                           train_discriminative, train_generative, validate)
 
-TINY = dict(encoder_init="random", decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
+TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
             encoder_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
 WORDS = ("apple banana cherry dog cat horse red green blue yellow small big house tree car boat lemon star moon sun "
          "fish bird cup hat").split()
@@ -39,7 +40,7 @@ def memo_pairs(vm, n: int = 20, seed: int = 0) -> Pairs:
 
 
 def tiny_model(seed: int = 0, **kw) -> VokenModel:
-    return build_model(ModelConfig(**{**TINY, "voken_init": "random", **kw}), [8, 8, 8], seed=seed)
+    return build_model(model_config(TINY, {"voken_init": "random", **kw}), [8, 8, 8], seed=seed)
 
 
 # ---------------------------------------------------------------------- losses
@@ -83,9 +84,9 @@ def test_ranking_loss_pushes_gold_above_negatives_on_a_toy_batch(kind):
 def test_tiny_model_memorises_20_pairs():
     vm = tiny_model(seed=0)
     pairs = memo_pairs(vm)
-    optim = OptimConfig(epochs=80, batch_size=10, lr=5e-3, encoder_lr=5e-3, warmup_ratio=0.0, patience=0)
-    out = train_generative(vm, pairs, pairs, optim, ValConfig(num_beams=5, select_metric="recall@1"), nolog, seed=0)
-    assert validate(vm, pairs, ValConfig(num_beams=5))["recall@1"] == 1.0
+    optim = optim_config(epochs=80, batch_size=10, lr=5e-3, encoder_lr=5e-3, warmup_ratio=0.0, patience=0)
+    out = train_generative(vm, pairs, pairs, optim, val_config(num_beams=5, select_metric="recall@1"), nolog, seed=0)
+    assert validate(vm, pairs, val_config(num_beams=5))["recall@1"] == 1.0
     assert out["val_recall@1"] == 1.0
 
 
@@ -93,11 +94,11 @@ def test_best_epoch_is_kept_not_the_last(tmp_path):
     vm = tiny_model(seed=0)
     pairs = memo_pairs(vm)
     seen = []
-    out = train_generative(vm, pairs, pairs, OptimConfig(epochs=6, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
-                           ValConfig(num_beams=5), lambda n, v, s: seen.append((n, v, s)), Checkpointer(tmp_path / "st"))
+    out = train_generative(vm, pairs, pairs, optim_config(epochs=6, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
+                           val_config(num_beams=5), lambda n, v, s: seen.append((n, v, s)), Checkpointer(tmp_path / "st"))
     scores = [h["val_recall_mean"] for h in out["history"]]
     assert out["best_epoch"] == 1 + int(np.argmax(scores))
-    assert validate(vm, pairs, ValConfig(num_beams=5))["recall_mean"] == pytest.approx(max(scores))
+    assert validate(vm, pairs, val_config(num_beams=5))["recall_mean"] == pytest.approx(max(scores))
     assert ("generative.val_recall@1", out["history"][0]["val_recall@1"], 1) in seen
 
 
@@ -106,8 +107,8 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
-    optim = OptimConfig(epochs=4, batch_size=8, lr=3e-3, encoder_lr=3e-3, patience=0)
-    val = ValConfig(num_beams=4)
+    optim = optim_config(epochs=4, batch_size=8, lr=3e-3, encoder_lr=3e-3, patience=0)
+    val = val_config(num_beams=4)
 
     ref = tiny_model(seed=0)
     pairs = memo_pairs(ref)
@@ -142,11 +143,11 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
 def test_discriminative_stage_validates_its_starting_point_and_trains():
     vm = tiny_model(seed=0)
     pairs = memo_pairs(vm)
-    train_generative(vm, pairs, pairs, OptimConfig(epochs=5, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
-                     ValConfig(num_beams=5), nolog)
+    train_generative(vm, pairs, pairs, optim_config(epochs=5, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0),
+                     val_config(num_beams=5), nolog)
     logged = []
-    out = train_discriminative(vm, pairs, pairs, OptimConfig(epochs=2, batch_size=10, lr=1e-3, encoder_lr=1e-3, patience=0),
-                               RankConfig(num_beams=5), ValConfig(num_beams=5), lambda n, v, s: logged.append((n, s)))
+    out = train_discriminative(vm, pairs, pairs, optim_config(epochs=2, batch_size=10, lr=1e-3, encoder_lr=1e-3, patience=0),
+                               rank_config(num_beams=5), val_config(num_beams=5), lambda n, v, s: logged.append((n, s)))
     assert [h["epoch"] for h in out["history"]] == [0, 1, 2]
     assert out["best_epoch"] in (0, 1, 2)
     assert ("discriminative.train_rank_loss", 1) in logged and ("discriminative.val_recall@1", 0) in logged
@@ -237,7 +238,7 @@ def test_train_step_generative_then_discriminative_then_evaluate(tmp_path):
     disc = step.run(disc_args, cfg, nolog, "train/3")
     assert disc["stage"] == "discriminative" and disc["init_from"] == str(gen_args.out)
 
-    ecfg = {"split": "test", "ks": [1, 5, 10], "generative": {"num_beams": 10, "batch_size": 4, "latency_queries": 3}}
+    ecfg = {"split": "test", "ks": [1, 5, 10], "generative": {**params_slice("evaluate")["generative"], "num_beams": 10, "batch_size": 4, "latency_queries": 3}}
     metrics, rankings, scores = evaluate_generative(disc_args.out, ids, featurestore.load(features), ecfg, nolog)
     test = featurestore.load(features).split("test")
     assert rankings.shape == (len(test.captions), 10) == scores.shape
@@ -314,11 +315,11 @@ def test_frozen_encoder_training_matches_uncached_training():
     for cached in (True, False):
         vm = tiny_model(seed=2, freeze_encoder=True)
         pairs = memo_pairs(vm, n=12)
-        optim = OptimConfig(epochs=3, batch_size=6, lr=5e-3, warmup_ratio=0.0, patience=0)
+        optim = optim_config(epochs=3, batch_size=6, lr=5e-3, warmup_ratio=0.0, patience=0)
         if not cached:   # the same loop with the cache switched off: every batch encoded again
             orig, T._cache_if_frozen = T._cache_if_frozen, lambda vm, caps: None
         try:
-            out = train_generative(vm, pairs, pairs, optim, ValConfig(num_beams=4), nolog, seed=0)
+            out = train_generative(vm, pairs, pairs, optim, val_config(num_beams=4), nolog, seed=0)
         finally:
             if not cached:
                 T._cache_if_frozen = orig
@@ -329,8 +330,8 @@ def test_frozen_encoder_training_matches_uncached_training():
 def test_validation_every_n_epochs_and_after_the_last():
     vm = tiny_model(seed=0)
     pairs = memo_pairs(vm, n=10)
-    out = train_generative(vm, pairs, pairs, OptimConfig(epochs=5, batch_size=5, lr=5e-3, patience=0),
-                           ValConfig(num_beams=4, every=2), nolog, seed=0)
+    out = train_generative(vm, pairs, pairs, optim_config(epochs=5, batch_size=5, lr=5e-3, patience=0),
+                           val_config(num_beams=4, every=2), nolog, seed=0)
     validated = [h["epoch"] for h in out["history"] if "val_recall@1" in h]
     assert validated == [2, 4, 5]
     assert out["best_epoch"] in validated

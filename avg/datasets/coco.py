@@ -35,16 +35,6 @@ from avg.errors import UserError
 
 NAME = "coco"
 JSON_MEMBER = "dataset_coco.json"
-DEFAULTS = {
-    "images_url": ["http://images.cocodataset.org/zips/train2014.zip",
-                   "http://images.cocodataset.org/zips/val2014.zip"],
-    "images_sha256": None,
-    # published with the 2014 release and used by LAVIS, torchvision-based scripts and others
-    "images_md5": ["0da8c0bd3d6becc4dcb32757491aca88", "a3d79f5ed8d289b7a7554ce06a5782b3"],
-    **karpathy.COMMON_DEFAULTS,
-}
-
-
 def image_archives(cfg: dict) -> list[tuple[str, str, str | None, str | None]]:
     """(url, params key, sha256, md5) for each image archive."""
     urls = cfg["images_url"]
@@ -68,6 +58,5 @@ def image_archives(cfg: dict) -> list[tuple[str, str, str | None, str | None]]:
 
 
 def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, progress: bool = True) -> dict:
-    cfg = karpathy.merge_cfg(cfg, DEFAULTS, f"data.{NAME}")
     return karpathy.prepare_karpathy(NAME, cfg, JSON_MEMBER, image_archives(cfg), Path(raw_dir), Path(cache_dir),
                                      progress)

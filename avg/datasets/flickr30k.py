@@ -35,14 +35,6 @@ JSON_MEMBER = "dataset_flickr30k.json"
 REQUEST_URL = "https://shannon.cs.illinois.edu/DenotationGraph/"
 IMAGE_ARCHIVE_NAMES = ("flickr30k-images.zip", "flickr30k-images.tar.gz", "flickr30k-images.tgz",
                        "flickr30k-images.tar", "flickr30k_images.zip", "flickr30k.zip")
-DEFAULTS = {
-    "images_url": None,
-    "images_sha256": None,
-    "images_md5": None,
-    **karpathy.COMMON_DEFAULTS,
-}
-
-
 def image_archive(cfg: dict, cache_dir: Path) -> str:
     """The images' URL or path: the configured one, else a copy already in the cache."""
     if cfg["images_url"]:
@@ -60,6 +52,5 @@ def image_archive(cfg: dict, cache_dir: Path) -> str:
 
 
 def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, progress: bool = True) -> dict:
-    cfg = karpathy.merge_cfg(cfg, DEFAULTS, f"data.{NAME}")
     archives = [(image_archive(cfg, cache_dir), f"data.{NAME}.images_url", cfg["images_sha256"], cfg["images_md5"])]
     return karpathy.prepare_karpathy(NAME, cfg, JSON_MEMBER, archives, Path(raw_dir), Path(cache_dir), progress)

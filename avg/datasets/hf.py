@@ -61,19 +61,6 @@ logger = logging.getLogger(__name__)
 
 NAME = "hf"
 PREFIX = "data.hf"
-DEFAULTS = {
-    "path": None,
-    "config": None,
-    "revision": None,
-    "image_column": "image",
-    "image_root": None,
-    "caption_column": "caption",
-    "id_column": None,
-    "split_column": "split",
-    "split_map": {"validation": "val", "dev": "val", "restval": "train"},
-    "max_images": None,
-    "on_bad": "error",
-}
 SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
@@ -247,9 +234,6 @@ def _where(part_name: str | None, row: int, split_value=None) -> str:
 # --- prepare ----------------------------------------------------------------------------------------
 
 def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict | None = None) -> dict:
-    cfg = karpathy.merge_cfg(cfg, DEFAULTS, PREFIX)
-    if cfg["on_bad"] not in ("error", "skip"):
-        raise UserError(f"{PREFIX}.on_bad must be error or skip, not {cfg['on_bad']!r}")
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     loaded = load(cfg, cache_dir)
     from datasets import Image as ImageFeature

@@ -32,16 +32,6 @@ from avg.io import atomic_path
 logger = logging.getLogger(__name__)
 
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
-# Settings every Karpathy-split source shares (the split file, retries); each source adds its images.
-COMMON_DEFAULTS = {
-    "annotations_url": KARPATHY_URL,
-    "annotations_sha256": None,
-    "annotations_md5": None,
-    "restval_as_train": True,
-    "max_images": None,
-    "timeout_s": 60,
-    "retries": 3,
-}
 JSON_SPLITS = ("train", "val", "test", "restval")
 
 
@@ -151,19 +141,6 @@ def limit_images(frame: pd.DataFrame, max_images: int | None) -> pd.DataFrame:
 
 
 # --- the shared download flow -----------------------------------------------------------------------
-
-def merge_cfg(cfg: dict | None, defaults: dict, prefix: str) -> dict:
-    """``defaults`` overlaid with ``cfg``; unknown keys are an error (a typo would silently do nothing)."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise UserError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)} in the params; "
-                        f"known: {', '.join(sorted(defaults))}")
-    merged = {**defaults, **cfg}
-    if merged.get("max_images") is not None and int(merged["max_images"]) < 3:
-        raise UserError(f"{prefix}.max_images must be null or at least 3 (one image per split)")
-    return merged
-
 
 def fetch_annotations(cfg: dict, cache_dir: Path, prefix: str, member: str, progress: bool = True) -> http.Fetched:
     url = cfg["annotations_url"]

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args, cfg: dict, log, run_id: str) -> dict:
     mod = source_module(cfg["source"])
-    sub = cfg.get(cfg["source"], {})
+    sub = cfg[cfg["source"]]
     kwargs = {"split_cfg": cfg["split"]} if "split_cfg" in inspect.signature(mod.prepare).parameters else {}
     out = Path(args.out)
     from avg.params import source_overlaps

@@ -76,8 +76,8 @@ def evaluate_dense(feats: featurestore.Features, cfg: dict) -> tuple[dict, np.nd
     corpus = feats.image
     queries = feats.text
     depth = min(cfg["depth"], corpus.shape[0])
-    dense = dense_index.check_config(cfg.get("dense"))        # absent (older params): exact, as before
-    index = dense_index.build_index(corpus, dense["index"], dense["ivf"], dense["hnsw"], threads=cfg.get("threads"))
+    dense = cfg["dense"]
+    index = dense_index.build_index(corpus, dense["index"], dense["ivf"], dense["hnsw"], threads=cfg["threads"])
     rankings, scores = dense_index.search(index, queries, depth)
     metrics = retrieval_metrics(rankings, feats.captions["image_index"].to_numpy(), cfg["ks"])
     metrics.update(time_queries(lambda q: dense_index.search(index, q, depth), queries,

@@ -44,7 +44,8 @@ def corpus_tables(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
-    from avg.alignment import fit_alignment
+    from avg import params
+    from avg.alignment import AlignmentConfig, fit_alignment
     from avg.encoders.offline import OfflineEncoder
 
     off = dict(cfg["offline"])
@@ -55,7 +56,7 @@ def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.
     bridge = enc.bridge(logits)
     image_emb, text_emb, report = fit_alignment(
         logits, bridge, text, captions["image_index"].to_numpy(), images["split"].to_numpy(),
-        captions["split"].to_numpy(), off, log)
+        captions["split"].to_numpy(), params.build(AlignmentConfig, off, "features.offline"), log)
     return image_emb, text_emb, {"alignment": report}
 
 

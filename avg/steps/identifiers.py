@@ -82,7 +82,6 @@ def semantic_checks(feats: featurestore.Features, first: np.ndarray) -> dict:
 
 
 def run(args, cfg: dict, log, run_id: str) -> dict:
-    ident.check_params(cfg)
     ident.check_scheme(args.scheme, source="--scheme")
     feats = featurestore.load(args.features)
     sc, extra = scheme_codes(args.scheme, cfg, feats, args.tokenizer)

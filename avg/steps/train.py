@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avg import featurestore, io
+from avg import featurestore, io, params
 from avg.errors import UserError
 from avg.trie import position_sizes_of, read_identifiers
 
@@ -256,8 +256,8 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             raise UserError(f"{args.init_from} reads {vm.config.reads!r} but train.model.reads is {cfg['model']['reads']!r}: "
                             "the discriminative stage continues the generative model; train both with the same reads")
     else:
-        mcfg = M.ModelConfig.from_dict(cfg["model"])
-        mcfg.query_dim = int(feats.text.shape[1]) if mcfg.reads != "tokens" else 0
+        mcfg = params.build(M.ModelConfig, cfg["model"], "train.model",
+                            query_dim=int(feats.text.shape[1]) if cfg["model"]["reads"] != "tokens" else 0)
         codebook = None
         if mcfg.voken_init == "codebook":
             cb_path = Path(args.codebook) if args.codebook else Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
@@ -287,7 +287,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                     pq_info["n_images"], pq_info["queries_per_split"])
 
     indexing = bool(cfg["indexing"])
-    augment = T.AugmentConfig.from_dict(cfg["augment"])
+    augment = params.build(T.AugmentConfig, cfg["augment"], "train.augment")
     if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
         raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
                         f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
@@ -321,16 +321,19 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
                                  Path(args.init_from) / "train.json" if args.init_from else None,
                                  Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"].get("file") else None])
     ckpt = T.Checkpointer(state_dir, fp)
-    val_cfg = T.ValConfig.from_dict(cfg["validation"])
+    val_cfg = params.build(T.ValConfig, cfg["validation"], "train.validation")
     if args.stage not in cfg:
         raise UserError(f"--stage {args.stage} needs the train.{args.stage} slice of params/train.yaml; it is missing "
                         "from the params given")
-    d = {**cfg[args.stage], "precision": cfg.get("precision", "auto")}
+    d = {**cfg[args.stage], "precision": cfg["precision"]}
     if args.stage == "generative":
-        result = T.train_generative(vm, train, val, T.OptimConfig.from_dict(d), val_cfg, log, ckpt, cfg["seed"], augment)
+        optim = params.build(T.OptimConfig, d, "train.generative")
+        result = T.train_generative(vm, train, val, optim, val_cfg, log, ckpt, cfg["seed"], augment)
     else:
-        result = T.train_discriminative(vm, train, val, T.OptimConfig.from_dict(d), T.RankConfig.from_dict(d),
-                                        val_cfg, log, ckpt, cfg["seed"], augment)
+        # label smoothing is a term of the generative cross-entropy only; the ranking stage has no such key
+        optim, rank_cfg = params.build_split((T.OptimConfig, T.RankConfig), {**d, "label_smoothing": None},
+                                             "train.discriminative")
+        result = T.train_discriminative(vm, train, val, optim, rank_cfg, val_cfg, log, ckpt, cfg["seed"], augment)
 
     meta = {**result, "sacred_run_id": run_id, "recipe": getattr(args, "recipe", None), "identifiers": str(args.identifiers),
             "scheme": id_stats.get("scheme"), "identifiers_run_id": id_stats.get("sacred_run_id"),
