@@ -56,7 +56,6 @@ import resource
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +293,7 @@ def step_tokenizer(n: int, work: Path, opts: dict) -> dict:
     tok.nearest, tok.kmeans, tok.train = nearest, kmeans, train
     log, marks = epoch_marks()
     t0 = time.perf_counter()
-    metrics = TS.run(Namespace(features=p["features"], scheme="avg", out=p["tokenizer"]), cfg, log, "bench-scale")
+    metrics = TS.run(cfg=cfg, log=log, run_id="bench-scale", features=p["features"], scheme="avg", out=p["tokenizer"])
     t1 = time.perf_counter()
     epochs = sorted(marks)
     start = calls[-1]["end"] if calls else box["start"]
@@ -315,8 +314,8 @@ def step_identifiers(n: int, work: Path, opts: dict, scheme: str) -> dict:
 
     p = _paths(work)
     cfg = identifiers_cfg()
-    m = IS.run(Namespace(features=p["features"], scheme=scheme, tokenizer=p["tokenizer"] if scheme == "avg" else None,
-                         out=p["identifiers"]), cfg, lambda *a: None, "bench-scale")
+    m = IS.run(cfg=cfg, log=lambda *a: None, run_id="bench-scale", features=p["features"], scheme=scheme,
+               tokenizer=p["tokenizer"] if scheme == "avg" else None, out=p["identifiers"])
     return {k: m.get(k) for k in ("length", "position_sizes", "collision_rate_before", "max_group_before", "semantic_gap")}
 
 
@@ -374,9 +373,9 @@ def step_train(n: int, work: Path, opts: dict, frozen: bool) -> dict:
     T.train_generative = bounded
     out = p["ckpt_frozen"] if frozen else p["ckpt"]
     t0 = time.perf_counter()
-    meta = TS.run(Namespace(features=p["features"], identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv", codebook=None,
-                            stage="generative", init_from=None, out=out, state_dir=None, pseudo_queries=False),
-                  cfg, lambda *a: None, "bench-scale")
+    meta = TS.run(cfg=cfg, log=lambda *a: None, run_id="bench-scale", features=p["features"],
+                  identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv", codebook=None, stage="generative",
+                  init_from=None, out=out, state_dir=None, pseudo_queries=False)
     t1 = time.perf_counter()
     loop = box["end"] - box["start"]
     side = sum(timers.seconds.get(k, 0.0) for k in ("encoder_cache", "validation", "checkpoint_writes", "best_reload"))
@@ -400,16 +399,16 @@ def step_evaluate(n: int, work: Path, opts: dict, generative: bool) -> dict:
     q_full = CAPTIONS_PER_IMAGE * split_counts(n)["test"]
     cap = opts["max_eval_queries"] if generative and q_full > opts["max_eval_queries"] else None
     cfg = evaluate_cfg(opts, cap)
-    a = Namespace(features=p["features"], out=p["eval"], method="avg-gen" if generative else "dense",
-                  checkpoint=p["ckpt"] if generative else None,
-                  identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv" if generative else None, rerank=None)
+    a = dict(features=p["features"], out=p["eval"], method="avg-gen" if generative else "dense",
+             checkpoint=p["ckpt"] if generative else None,
+             identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv" if generative else None, rerank=None)
     if cap is not None:
         # evaluate.generative.max_queries decodes the first `cap` captions, but the step's write_rankings is
         # handed every caption of the split (a length mismatch pandas refuses): give it the decoded ones
         write = ES.write_rankings
         ES.write_rankings = lambda path, caps, images, rankings, scores=None: write(
             path, caps.iloc[:len(rankings)], images, rankings, scores)
-    m = ES.run(a, cfg, lambda *x: None, "bench-scale")
+    m = ES.run(cfg=cfg, log=lambda *x: None, run_id="bench-scale", **a)
     keep = ("n_queries", "n_corpus", "qps", "latency_ms", "latency_ms_median", "trie_build_s", "trie_bytes",
             "recall@1", "recall@10", "num_beams", "timing_batch_size")
     return {**{k: m.get(k) for k in keep}, "queries_full": q_full, "max_queries": cap}
@@ -419,10 +418,10 @@ def step_report(n: int, work: Path, opts: dict) -> dict:
     from avg.steps import report as RS
 
     p = _paths(work)
-    a = Namespace(dataset_dir=work, evals=[p["eval"] / "dense.json", p["eval"] / "avg-gen.json"],
-                  identifiers=[p["identifiers"] / f"{s}.json" for s in ("avg", "kmeans", "atomic")],
-                  runs=work / "runs", runs_dir=work / "runs", bench=None, out=p["report"])
-    m = RS.run(a, _load("report"), lambda *x: None, "bench-scale")
+    m = RS.run(cfg=_load("report"), log=lambda *x: None, run_id="bench-scale", dataset_dir=work,
+               evals=[p["eval"] / "dense.json", p["eval"] / "avg-gen.json"],
+               identifiers=[p["identifiers"] / f"{s}.json" for s in ("avg", "kmeans", "atomic")],
+               runs=work / "runs", bench=None, out=p["report"])
     return {"n_methods": m.get("n_methods")}
 
 

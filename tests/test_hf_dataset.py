@@ -43,7 +43,7 @@ def image_dataset(columns: dict):
 
 def run(tmp_path, path, split_cfg=SPLIT, out="raw", **cfg):
     raw = tmp_path / out
-    stats = hf.prepare({"path": str(path), **cfg}, raw, tmp_path / "cache", None, split_cfg=split_cfg)
+    stats = hf.prepare({"path": str(path), **cfg}, raw, tmp_path / "cache", split_cfg=split_cfg)
     return raw, pd.read_csv(raw / "captions.csv"), stats
 
 
@@ -260,7 +260,7 @@ def small(tmp_path):
 
 def test_null_path_names_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.hf\.path is not set in params/data.yaml"):
-        hf.prepare({"path": None}, tmp_path / "raw", tmp_path / "cache", None, split_cfg=SPLIT)
+        hf.prepare({"path": None}, tmp_path / "raw", tmp_path / "cache", split_cfg=SPLIT)
 
 
 def test_missing_caption_column_names_it_and_the_columns(tmp_path, small):

@@ -246,7 +246,8 @@ def _where(part_name: str | None, row: int, split_value=None) -> str:
 
 # --- prepare ----------------------------------------------------------------------------------------
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict | None = None) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     cfg = karpathy.merge_cfg(cfg, DEFAULTS, PREFIX)
     if cfg["on_bad"] not in ("error", "skip"):
         raise UserError(f"{PREFIX}.on_bad must be error or skip, not {cfg['on_bad']!r}")

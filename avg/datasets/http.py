@@ -79,13 +79,6 @@ class Fetched:
         return asdict(self)
 
 
-def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = None, chunk: int = 1 << 20,
-             timeout: float = 60, retries: int = 3, **kwargs) -> Path:
-    """Fetch ``url`` to ``dest`` (see :func:`fetch`); returns ``dest``."""
-    return Path(fetch(url, dest, sha256=sha256, md5=md5, chunk=chunk, timeout=timeout, retries=retries,
-                      **kwargs).path)
-
-
 def fetch(url: str, dest: Path, sha256: str | None = None, md5: str | None = None, chunk: int = 1 << 20,
           timeout: float = 60, retries: int = 3, *, key: str | None = None, backoff: float = 1.0,
           progress: bool = True) -> Fetched:
