@@ -1,8 +1,9 @@
 """``avg <step> ...``: the command line every front door (Snakemake, DVC, a person) goes through.
 
-Each step module in :mod:`avg.steps` declares ``STEP`` (its params key), ``add_arguments`` and
-``run(args, cfg, log, run_id)``. The CLI reads and validates the step's params slice, opens a Sacred
-run (:mod:`avg.tracking`) and calls ``run`` inside it.
+Each step module in :mod:`avg.steps` declares ``STEP`` (its params key), ``add_arguments``,
+``resolve_params``, ``sacred_paths`` and ``run`` (the contract: :mod:`avg.steps`). The CLI reads and
+validates the step's params slice, maps the step's flags to keyword arguments (:func:`step_flags`), opens
+a Sacred run (:mod:`avg.tracking`) and calls ``run(cfg=..., log=..., run_id=..., **flags)`` inside it.
 
 Params come either from a file (``--params params/features.yaml``, what DVC runs) or as JSON
 (``--params-json '{...}'``, what Snakemake passes: the slice after ``--configfile`` overrides).
@@ -35,6 +36,20 @@ def _step_modules() -> dict[str, object]:
     return mods
 
 
+# argparse dests of the CLI's own options (and the subcommand plumbing): everything else is a step's flag
+CLI_KEYS = frozenset({"command", "verbose", "params", "params_json", "runs_dir", "_module", "_command"})
+
+
+def step_flags(args: argparse.Namespace) -> dict:
+    """The step's flags as :func:`run`'s keyword arguments (argparse dests: ``--init-from`` is ``init_from``).
+
+    A step's ``--runs`` (the report's Sacred runs to read) defaults to ``--runs-dir``."""
+    flags = {k: v for k, v in vars(args).items() if k not in CLI_KEYS}
+    if "runs" in flags and flags["runs"] is None:
+        flags["runs"] = args.runs_dir
+    return flags
+
+
 def _load_cfg(args, step: str) -> dict:
     if args.params_json is not None:
         try:
@@ -59,14 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="Sacred FileStorageObserver root")
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
-    try:
-        from avg import search
-    except ImportError:  # the search command arrives with the generative model
-        search = None
-    if search is not None:
-        p = sub.add_parser("search", help="retrieve images for a text query with a trained checkpoint")
-        search.add_arguments(p)
-        p.set_defaults(_command=search.main)
+    from avg import search
+
+    p = sub.add_parser("search", help="retrieve images for a text query with a trained checkpoint")
+    search.add_arguments(p)
+    p.set_defaults(_command=search.main)
     return parser
 
 
@@ -79,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return args._command(args)
     mod = args._module
     try:
-        cfg = _load_cfg(args, mod.STEP)
-        if hasattr(mod, "resolve_params"):   # e.g. train: a method recipe's overrides over the slice
-            cfg = mod.resolve_params(args, cfg)
+        # e.g. train: a method recipe's overrides over the slice, and the flags it sets
+        cfg, flags = mod.resolve_params(_load_cfg(args, mod.STEP), **step_flags(args))
     except UserError as exc:
         print(f"avg {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -98,20 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun only rank 0 is a Sacred run (and writes outputs); the other ranks just compute.
         logging.getLogger().setLevel(logging.WARNING)
         try:
-            mod.run(args, cfg, lambda *a: None, f"{args.command}/rank{rank}")
+            mod.run(cfg=cfg, log=lambda *a: None, run_id=f"{args.command}/rank{rank}", **flags)
         except UserError as exc:
             print(f"avg {args.command} (rank {rank}): error: {exc}", file=sys.stderr)
             return 2
         return 0
 
-    paths = mod.sacred_config(args) if hasattr(mod, "sacred_config") else {
-        k: str(v) for k, v in vars(args).items() if isinstance(v, Path) and k != "runs_dir"}
-    config = {mod.STEP: cfg, "paths": paths}
+    config = {mod.STEP: cfg, "paths": mod.sacred_paths(params=args.params, **flags)}
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
         with logging_redirect_tqdm():   # log lines print above the progress bars instead of through them
-            run_id, metrics = tracking.run_step(args.command, config, lambda lg, rid: mod.run(args, cfg, lg, rid),
+            run_id, metrics = tracking.run_step(args.command, config, lambda lg, rid: mod.run(cfg=cfg, log=lg, run_id=rid, **flags),
                                                 runs_dir=args.runs_dir)
     except UserError as exc:
         print(f"avg {args.command}: error: {exc}", file=sys.stderr)

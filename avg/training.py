@@ -369,22 +369,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
                                                    "best_val": None, "history": [], "stale": 0, "done": False,
                                                    "seconds": 0.0}
     start = trainer["epoch"] + 1
-    runner = _StepRunner(vm.model, step_fn, amp)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # the pretrained encoder's pooler gets no gradient from these losses: let DDP look for unused parameters
-        runner = DistributedDataParallel(runner, find_unused_parameters=True)
-
-    def consider(epoch: int, vmetrics: dict) -> None:
-        score = vmetrics[sel]
-        if trainer["best_score"] is None or score > trainer["best_score"]:
-            trainer.update(best_score=score, best_epoch=epoch, best_val=vmetrics, stale=0)
-            ckpt.save_best(vm, {"stage": stage, "epoch": epoch, "val": vmetrics})
-            if ckpt.dir is None:   # no state folder: keep the best weights in memory instead
-                trainer["_best_state"] = {k: v.detach().clone() for k, v in vm.model.state_dict().items()}
-        else:
-            trainer["stale"] += 1
+    runner = _step_runner(vm, step_fn, amp, world)
 
     phases = trainer.setdefault("phase_seconds", {"steps": 0.0, "validation": 0.0})
 
@@ -398,7 +383,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
     if start == 1 and validate_initial:
         vmetrics = validated()
         _log_all(log, stage, {f"val_{k}": v for k, v in vmetrics.items()}, 0)
-        consider(0, vmetrics)
+        _consider(vm, trainer, ckpt, stage, sel, 0, vmetrics)
         trainer["history"].append({"epoch": 0, **{f"val_{k}": v for k, v in vmetrics.items()}})
 
     params = [p for p in vm.model.parameters() if p.requires_grad]
@@ -412,37 +397,8 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         # (every rank draws the same order; dropout streams differ per rank)
         torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
-        vm.model.train()
-        if vm.config.freeze_encoder:   # a frozen encoder applies no dropout: the states stay what the cache holds
-            vm.model.get_encoder().eval()
-        sums: dict[str, float] = {}
-        n_batches = 0
-        for b in range(0, n_train, optim.batch_size):
-            batch = order[b:b + optim.batch_size]
-            micro = _micro_batches(batch, rank, world, optim.grad_accum_steps)
-            opt.zero_grad(set_to_none=True)
-            for i, (idx, share) in enumerate(micro):
-                # gradients are reduced across ranks once per step, on the last micro-batch
-                sync = world == 1 or i == len(micro) - 1
-                with (contextlib.nullcontext() if sync else runner.no_sync()):
-                    t_step = time.perf_counter()
-                    out = runner(idx)
-                    # DDP averages gradients over ranks: weight by world so the sum is the batch mean
-                    weight = share * world
-                    loss = out["loss"] if weight == 1.0 else out["loss"] * weight
-                    scaler.scale(loss).backward()
-                    phases["steps"] += time.perf_counter() - t_step
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + (float(v.detach()) if share == 1.0 else float(v.detach()) * share)
-            if optim.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n_batches += 1
-            bar.update(1)
-            bar.set_postfix({"epoch": epoch, "loss": f"{sums.get('loss', 0.0) / n_batches:.3f}"}, refresh=False)
+        sums, n_batches = _train_epoch(vm, runner, opt, sched, scaler, params, order, optim, rank, world, phases,
+                                       bar, epoch)
         sums = _all_reduce_sums(sums)
         train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         # validation every `every` epochs and after the last; patience counts validations
@@ -453,7 +409,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         if rank == 0:
             logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if due:
-            consider(epoch, vmetrics)
+            _consider(vm, trainer, ckpt, stage, sel, epoch, vmetrics)
             bar.set_postfix({"epoch": epoch, f"val {sel}": f"{vmetrics[sel]:.3f}",
                              "best": f"{trainer['best_score']:.3f}@{trainer['best_epoch']}"}, refresh=False)
         trainer["history"].append(row)
@@ -465,15 +421,14 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")}, scaler)
 
     bar.close()
-    _barrier()   # rank 0 has finished writing best/ before any rank reads it
-    # leave the model holding the best validated weights
-    if "_best_state" in trainer:
-        vm.model.load_state_dict(trainer.pop("_best_state"))
-    elif ckpt.best_dir is not None and ckpt.best_dir.exists():
-        best = VokenModel.load(ckpt.best_dir, device=vm.device)
-        vm.model.load_state_dict(best.model.state_dict())
-    _barrier()   # ... and every rank has read it before the caller may remove the state folder
+    _restore_best(vm, trainer, ckpt)
     trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
+    return _result(stage, trainer, sel, phases, step_fn, val_cache, amp, optim, world)
+
+
+def _result(stage: str, trainer: dict, sel: str, phases: dict, step_fn, val_cache: EncoderCache | None, amp,
+            optim: OptimConfig, world: int) -> dict:
+    """What a stage returns: the best epoch and its validation figures, the history, where the time went."""
     result = {"stage": stage, "best_epoch": trainer["best_epoch"], "epochs_run": trainer["epoch"],
               "select_metric": sel, "seconds": trainer["seconds"], "history": trainer["history"],
               # where the minutes went: forward + backward of the batches (discriminative: negatives' decoding
@@ -482,6 +437,80 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
               "precision": precision_name(amp), "grad_accum_steps": optim.grad_accum_steps, "world_size": world}
     result.update({f"val_{k}": v for k, v in (trainer["best_val"] or {}).items()})
     return result
+
+
+def _step_runner(vm: VokenModel, step_fn: Callable[[np.ndarray], dict[str, torch.Tensor]], amp, world: int):
+    """``step_fn`` as a module (:class:`_StepRunner`), wrapped in DistributedDataParallel under torchrun."""
+    runner = _StepRunner(vm.model, step_fn, amp)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the pretrained encoder's pooler gets no gradient from these losses: let DDP look for unused parameters
+        runner = DistributedDataParallel(runner, find_unused_parameters=True)
+    return runner
+
+
+def _consider(vm: VokenModel, trainer: dict, ckpt: Checkpointer, stage: str, sel: str, epoch: int,
+              vmetrics: dict) -> None:
+    """Model selection: keep ``epoch`` as the best (its weights saved) if its ``sel`` beats the best so far,
+    else count one more stale validation."""
+    score = vmetrics[sel]
+    if trainer["best_score"] is None or score > trainer["best_score"]:
+        trainer.update(best_score=score, best_epoch=epoch, best_val=vmetrics, stale=0)
+        ckpt.save_best(vm, {"stage": stage, "epoch": epoch, "val": vmetrics})
+        if ckpt.dir is None:   # no state folder: keep the best weights in memory instead
+            trainer["_best_state"] = {k: v.detach().clone() for k, v in vm.model.state_dict().items()}
+    else:
+        trainer["stale"] += 1
+
+
+def _train_epoch(vm: VokenModel, runner, opt, sched, scaler, params: list, order: np.ndarray, optim: OptimConfig,
+                 rank: int, world: int, phases: dict, bar, epoch: int) -> tuple[dict[str, float], int]:
+    """One pass over the train pairs in ``order``: one optimiser step per batch (its micro-batches'
+    gradients accumulated). Returns the summed step outputs (this rank's) and the number of batches."""
+    vm.model.train()
+    if vm.config.freeze_encoder:   # a frozen encoder applies no dropout: the states stay what the cache holds
+        vm.model.get_encoder().eval()
+    sums: dict[str, float] = {}
+    n_batches = 0
+    for b in range(0, len(order), optim.batch_size):
+        batch = order[b:b + optim.batch_size]
+        micro = _micro_batches(batch, rank, world, optim.grad_accum_steps)
+        opt.zero_grad(set_to_none=True)
+        for i, (idx, share) in enumerate(micro):
+            # gradients are reduced across ranks once per step, on the last micro-batch
+            sync = world == 1 or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else runner.no_sync()):
+                t_step = time.perf_counter()
+                out = runner(idx)
+                # DDP averages gradients over ranks: weight by world so the sum is the batch mean
+                weight = share * world
+                loss = out["loss"] if weight == 1.0 else out["loss"] * weight
+                scaler.scale(loss).backward()
+                phases["steps"] += time.perf_counter() - t_step
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + (float(v.detach()) if share == 1.0 else float(v.detach()) * share)
+        if optim.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        n_batches += 1
+        bar.update(1)
+        bar.set_postfix({"epoch": epoch, "loss": f"{sums.get('loss', 0.0) / n_batches:.3f}"}, refresh=False)
+    return sums, n_batches
+
+
+def _restore_best(vm: VokenModel, trainer: dict, ckpt: Checkpointer) -> None:
+    """Leave the model holding the best validated weights (kept in memory, or in the state folder's best/)."""
+    _barrier()   # rank 0 has finished writing best/ before any rank reads it
+    if "_best_state" in trainer:
+        vm.model.load_state_dict(trainer.pop("_best_state"))
+    elif ckpt.best_dir is not None and ckpt.best_dir.exists():
+        best = VokenModel.load(ckpt.best_dir, device=vm.device)
+        vm.model.load_state_dict(best.model.state_dict())
+    _barrier()   # ... and every rank has read it before the caller may remove the state folder
 
 
 class _StepRunner(torch.nn.Module):

@@ -403,7 +403,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
-    vm = build_model(model_config(voken_init="random", shared_vokens=True, dropout=0.0, encoder=args.encoder),
+    from avg import params
+
+    # the pipeline's voken model (params/train.yaml's train.model), with random weights
+    shape = {**params.load_file(REPO / "params" / "train.yaml", "train")["model"],
+             "voken_init": "random", "shared_vokens": True, "dropout": 0.0, "encoder": args.encoder, "reads": "tokens"}
+    vm = build_model(params.build(ModelConfig, shape, "train.model", query_dim=0),
                      [args.vocab] * args.length, seed=args.seed).to(args.device)
     vm.model.eval()
     from avg.encoders.offline import OfflineEncoder

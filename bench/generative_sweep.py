@@ -32,8 +32,6 @@ def set_key(cfg: dict, dotted: str, value) -> None:
 
 
 def run_one(entry: list, base: dict, ev: dict, data: Path, work: Path) -> dict:
-    from argparse import Namespace
-
     from avg.steps import evaluate as ES
     from avg.steps import train as TS
 
@@ -49,11 +47,10 @@ def run_one(entry: list, base: dict, ev: dict, data: Path, work: Path) -> dict:
     t0 = time.time()
     ids = data / "identifiers" / f"{scheme}.tsv"
     out = work / name.replace("/", "_")
-    a = Namespace(features=data / "features", identifiers=ids, codebook=None, stage="generative", init_from=None,
-                  out=out, state_dir=None, pseudo_queries=bool(per_image))
-    meta = TS.run(a, cfg, lambda *x: None, name)
-    e = Namespace(features=data / "features", out=work / "eval", method=name, checkpoint=out, identifiers=ids, rerank=None)
-    met = ES.run(e, ev, lambda *x: None, name)
+    meta = TS.run(cfg=cfg, log=lambda *x: None, run_id=name, features=data / "features", identifiers=ids, codebook=None,
+                  stage="generative", init_from=None, out=out, state_dir=None, pseudo_queries=bool(per_image))
+    met = ES.run(cfg=ev, log=lambda *x: None, run_id=name, features=data / "features", out=work / "eval", method=name,
+                 checkpoint=out, identifiers=ids, rerank=None)
     return {"name": name, "scheme": scheme, "per_image": per_image, "seed": seed, "over": over,
             "best_epoch": meta["best_epoch"],
             "val": {k: meta.get(f"val_{k}") for k in ("recall@1", "recall@5", "recall@10")},

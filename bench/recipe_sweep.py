@@ -74,8 +74,6 @@ def tokenizer_key(over: dict) -> str:
 
 def build_identifiers(features: Path, over: dict, work: Path) -> Path:
     """Tokenizer + identifiers of the avg scheme under tokenizer overrides; returns the identifier table."""
-    from argparse import Namespace
-
     import torch
 
     from avg.steps import identifiers as IS
@@ -90,16 +88,14 @@ def build_identifiers(features: Path, over: dict, work: Path) -> Path:
     cfg = params_slice("tokenizer")
     for k, v in over.items():
         set_dotted(cfg, k, v, "--runs tokenizer", "params/tokenizer.yaml's tokenizer slice")
-    TS.run(Namespace(features=features, scheme="avg", out=work / "tokenizer"), cfg, lambda *a: None, "sweep")
-    IS.run(Namespace(features=features, scheme="avg", tokenizer=work / "tokenizer", out=work / "identifiers"),
-           params_slice("identifiers"), lambda *a: None, "sweep")
+    TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=features, scheme="avg", out=work / "tokenizer")
+    IS.run(cfg=params_slice("identifiers"), log=lambda *a: None, run_id="sweep", features=features, scheme="avg",
+           tokenizer=work / "tokenizer", out=work / "identifiers")
     return table
 
 
 def train_one(job: dict) -> dict:
     """Generative stage of one run on one split: val recall (what selection saw) and test recall."""
-    from argparse import Namespace
-
     import numpy as np
     import torch
 
@@ -117,9 +113,9 @@ def train_one(job: dict) -> dict:
     out = Path(job["out"])
     t0 = time.time()
     if not (out / "train.json").exists():
-        TS.run(Namespace(features=Path(job["features"]), identifiers=Path(job["identifiers"]), codebook=None,
-                         stage="generative", init_from=None, out=out, state_dir=None, pseudo_queries=job["pq"]),
-               cfg, lambda *a: None, "sweep")
+        TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=Path(job["features"]),
+               identifiers=Path(job["identifiers"]), codebook=None, stage="generative", init_from=None, out=out,
+               state_dir=None, pseudo_queries=job["pq"])
     meta = io.read_json(out / "train.json")
     test = featurestore.load(job["features"]).split("test")
     vm = VokenModel.load(out)

@@ -56,7 +56,6 @@ import resource
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +293,7 @@ def step_tokenizer(n: int, work: Path, opts: dict) -> dict:
     tok.nearest, tok.kmeans, tok.train = nearest, kmeans, train
     log, marks = epoch_marks()
     t0 = time.perf_counter()
-    metrics = TS.run(Namespace(features=p["features"], scheme="avg", out=p["tokenizer"]), cfg, log, "bench-scale")
+    metrics = TS.run(cfg=cfg, log=log, run_id="bench-scale", features=p["features"], scheme="avg", out=p["tokenizer"])
     t1 = time.perf_counter()
     epochs = sorted(marks)
     start = calls[-1]["end"] if calls else box["start"]
@@ -305,7 +304,7 @@ def step_tokenizer(n: int, work: Path, opts: dict) -> dict:
             "init_s": sum(c["seconds"] for c in calls),
             "init_calls": [{k: v for k, v in c.items() if k != "end"} for c in calls],
             "epoch_s": epoch_s, "epochs": len(epoch_s),
-            "n_train": json.loads((p["tokenizer"] / "meta.json").read_text())["n_train_images"],
+            "n_train": json.loads((p["tokenizer"] / "meta.json").read_text())["n_fit_images"],
             "config": {k: cfg[k] for k in ("levels", "codebook_size", "shared_codebook", "latent_dim", "hidden",
                                             "batch_size", "batch_norm", "sinkhorn", "kmeans_init")}}
 
@@ -315,8 +314,8 @@ def step_identifiers(n: int, work: Path, opts: dict, scheme: str) -> dict:
 
     p = _paths(work)
     cfg = identifiers_cfg()
-    m = IS.run(Namespace(features=p["features"], scheme=scheme, tokenizer=p["tokenizer"] if scheme == "avg" else None,
-                         out=p["identifiers"]), cfg, lambda *a: None, "bench-scale")
+    m = IS.run(cfg=cfg, log=lambda *a: None, run_id="bench-scale", features=p["features"], scheme=scheme,
+               tokenizer=p["tokenizer"] if scheme == "avg" else None, out=p["identifiers"])
     return {k: m.get(k) for k in ("length", "position_sizes", "collision_rate_before", "max_group_before", "semantic_gap")}
 
 
@@ -361,22 +360,22 @@ def step_train(n: int, work: Path, opts: dict, frozen: bool) -> dict:
     orig_fit = T.train_generative
     box: dict = {}
 
-    def bounded(vm, train, val, optim, val_cfg, log, ckpt=None, seed=0):
+    def bounded(vm, train, val, optim, val_cfg, log, ckpt=None, seed=0, augment=T.NO_AUGMENT):
         n_sub = min(len(train.captions), opts["train_steps"] * optim.batch_size)
         idx = np.sort(np.random.default_rng(seed).choice(len(train.captions), n_sub, replace=False))
         sub = T.Pairs([train.captions[i] for i in idx], train.tokens[idx], train.gold[idx], train.trie)
         box.update(n_train_pairs=len(train.captions), n_samples=n_sub, batch_size=optim.batch_size,
                    steps=-(-n_sub // optim.batch_size), n_val_pairs=len(val.captions), start=time.perf_counter())
-        out = orig_fit(vm, sub, val, dataclasses.replace(optim, epochs=1), val_cfg, log, ckpt, seed)
+        out = orig_fit(vm, sub, val, dataclasses.replace(optim, epochs=1), val_cfg, log, ckpt, seed, augment)
         box["end"] = time.perf_counter()
         return out
 
     T.train_generative = bounded
     out = p["ckpt_frozen"] if frozen else p["ckpt"]
     t0 = time.perf_counter()
-    meta = TS.run(Namespace(features=p["features"], identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv", codebook=None,
-                            stage="generative", init_from=None, out=out, state_dir=None, pseudo_queries=False),
-                  cfg, lambda *a: None, "bench-scale")
+    meta = TS.run(cfg=cfg, log=lambda *a: None, run_id="bench-scale", features=p["features"],
+                  identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv", codebook=None, stage="generative",
+                  init_from=None, out=out, state_dir=None, pseudo_queries=False)
     t1 = time.perf_counter()
     loop = box["end"] - box["start"]
     side = sum(timers.seconds.get(k, 0.0) for k in ("encoder_cache", "validation", "checkpoint_writes", "best_reload"))
@@ -400,16 +399,10 @@ def step_evaluate(n: int, work: Path, opts: dict, generative: bool) -> dict:
     q_full = CAPTIONS_PER_IMAGE * split_counts(n)["test"]
     cap = opts["max_eval_queries"] if generative and q_full > opts["max_eval_queries"] else None
     cfg = evaluate_cfg(opts, cap)
-    a = Namespace(features=p["features"], out=p["eval"], method="avg-gen" if generative else "dense",
-                  checkpoint=p["ckpt"] if generative else None,
-                  identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv" if generative else None, rerank=None)
-    if cap is not None:
-        # evaluate.generative.max_queries decodes the first `cap` captions, but the step's write_rankings is
-        # handed every caption of the split (a length mismatch pandas refuses): give it the decoded ones
-        write = ES.write_rankings
-        ES.write_rankings = lambda path, caps, images, rankings, scores=None: write(
-            path, caps.iloc[:len(rankings)], images, rankings, scores)
-    m = ES.run(a, cfg, lambda *x: None, "bench-scale")
+    a = dict(features=p["features"], out=p["eval"], method="avg-gen" if generative else "dense",
+             checkpoint=p["ckpt"] if generative else None,
+             identifiers=p["identifiers"] / f"{TRAIN_SCHEME}.tsv" if generative else None, rerank=None)
+    m = ES.run(cfg=cfg, log=lambda *x: None, run_id="bench-scale", **a)
     keep = ("n_queries", "n_corpus", "qps", "latency_ms", "latency_ms_median", "trie_build_s", "trie_bytes",
             "recall@1", "recall@10", "num_beams", "timing_batch_size")
     return {**{k: m.get(k) for k in keep}, "queries_full": q_full, "max_queries": cap}
@@ -419,10 +412,10 @@ def step_report(n: int, work: Path, opts: dict) -> dict:
     from avg.steps import report as RS
 
     p = _paths(work)
-    a = Namespace(dataset_dir=work, evals=[p["eval"] / "dense.json", p["eval"] / "avg-gen.json"],
-                  identifiers=[p["identifiers"] / f"{s}.json" for s in ("avg", "kmeans", "atomic")],
-                  runs=work / "runs", runs_dir=work / "runs", bench=None, out=p["report"])
-    m = RS.run(a, _load("report"), lambda *x: None, "bench-scale")
+    m = RS.run(cfg=_load("report"), log=lambda *x: None, run_id="bench-scale", dataset_dir=work,
+               evals=[p["eval"] / "dense.json", p["eval"] / "avg-gen.json"],
+               identifiers=[p["identifiers"] / f"{s}.json" for s in ("avg", "kmeans", "atomic")],
+               runs=work / "runs", bench=None, out=p["report"])
     return {"n_methods": m.get("n_methods")}
 
 
@@ -761,12 +754,6 @@ def findings(results: dict, rows: list[dict]) -> list[str]:
         "4.1 -> 1.2), so the allocator, not the arithmetic, is the cost. It is O(n K d) like an iteration, a few % of "
         "the tokenizer's projected 5000-epoch time, and quick on a GPU; computing `|x|^2 - 2 x.c + |c|^2` with the "
         "norms kept (a matrix-vector product, no `[n, d]` temporaries) or reusing one buffer would remove it.",
-        "- **`evaluate.generative.max_queries` crashes the evaluate step** (`avg/steps/evaluate.py`, pre-existing in "
-        "HEAD, not edited here since that file is being changed by other work): `evaluate_generative` decodes the "
-        "first `max_queries` captions, but `run` hands `write_rankings` every caption of the split with those "
-        "rankings, and pandas refuses the length mismatch (`array length 1000 does not match index length 5000`). "
-        "The bench passes the decoded captions only (a wrapper around `write_rankings`); the fix in `run` is "
-        "`feats.captions.iloc[:len(rankings)]` (or the split view truncated the same way) where the rankings are written.",
         "- **avg identifiers of an undertrained tokenizer grow their appended position with n** (not a code fault): "
         "after the bench's 2 epochs the paper-shaped tokenizer gives 67% / 98% / 99% colliding images at 1K / 10K "
         "/ 100K, so the `append` position holds 72 / 611 / 8,629 codes and the decoder's vocabulary (4,096 + that) "

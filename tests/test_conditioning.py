@@ -3,7 +3,6 @@ both decoders agree on it, checkpoints keep it, and the train/evaluate/search st
 from __future__ import annotations
 
 import os
-from argparse import Namespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -144,26 +143,26 @@ def test_train_step_with_indexing_and_mixup_then_evaluate(tmp_path):
     cfg = step_cfg(epochs=2)
     cfg["model"].update(reads="both", prefix_tokens=2)
     cfg.update(indexing=True, augment={"mixup_prob": 0.5, "mixup_max_weight": 0.5, "noise": 0.01})
-    gen = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                    out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
-    step.run(gen, cfg, nolog, "train/1")
-    meta = io.read_json(gen.out / "train.json")
+    gen = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+               out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
+    step.run(cfg=cfg, log=nolog, run_id="train/1", **gen)
+    meta = io.read_json(gen["out"] / "train.json")
     n_train = len(feats.split("train").captions)
     assert meta["reads"] == "both" and meta["n_train_captions"] == n_train + len(feats.images)
     assert meta["indexing"]["images"] == len(feats.images) and meta["augment"]["mixup_prob"] == 0.5
-    disc = Namespace(**{**vars(gen), "stage": "discriminative", "init_from": gen.out, "out": tmp_path / "ckpt" / "avg"})
-    step.run(disc, cfg, nolog, "train/2")
+    disc = {**gen, "stage": "discriminative", "init_from": gen["out"], "out": tmp_path / "ckpt" / "avg"}
+    step.run(cfg=cfg, log=nolog, run_id="train/2", **disc)
     calls = []
 
     def embed(texts):     # the store's encoder stand-in: a lookup of the store's own caption vectors
         calls.append(len(texts))
         return step.caption_vectors(feats, list(texts))
     ecfg = {"split": "test", "ks": [1, 5], "generative": {**params_slice("evaluate")["generative"], "num_beams": 6, "batch_size": 4, "latency_queries": 3}}
-    metrics, rankings, _ = evaluate_generative(disc.out, ids, feats, ecfg, nolog, embed=embed)
+    metrics, rankings, _ = evaluate_generative(disc["out"], ids, feats, ecfg, nolog, embed=embed)
     assert metrics["reads"] == "both" and metrics["timing_includes_query_embedding"] and calls
     assert (rankings[:, :6] >= 0).all()
     with pytest.raises(Exception, match="feature store"):
-        evaluate_generative(disc.out, ids, feats.split("test").captions, ecfg, None, split="test")
+        evaluate_generative(disc["out"], ids, feats.split("test").captions, ecfg, None, split="test")
 
 
 def test_indexing_or_mixup_without_an_embedding_reading_model_is_refused(tmp_path):
@@ -171,12 +170,12 @@ def test_indexing_or_mixup_without_an_embedding_reading_model_is_refused(tmp_pat
     from avg.steps import train as step
 
     features, ids = write_synthetic(tmp_path)
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                     out=tmp_path / "o", state_dir=None)
+    args = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                out=tmp_path / "o", state_dir=None)
     for change in ({"indexing": True}, {"augment": {"mixup_prob": 0.3, "mixup_max_weight": 0.5, "noise": 0.0}}):
         cfg = {**step_cfg(epochs=1), **change}
         with pytest.raises(UserError, match="train.model.reads"):
-            step.run(args, cfg, nolog, "x")
+            step.run(cfg=cfg, log=nolog, run_id="x", **args)
     assert not (tmp_path / "o").exists()
 
 
@@ -201,10 +200,9 @@ def test_training_rows_never_hold_a_val_or_test_caption(tmp_path, monkeypatch):
     cfg = step_cfg(epochs=1)
     cfg["model"].update(reads="both")
     cfg.update(indexing=True, augment={"mixup_prob": 1.0, "mixup_max_weight": 0.5, "noise": 0.0})
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                     out=tmp_path / "o", state_dir=None, pseudo_queries=True)
     with pytest.raises(KeyboardInterrupt):
-        step.run(args, cfg, nolog, "x")
+        step.run(cfg=cfg, log=nolog, run_id="x", features=features, identifiers=ids, codebook=None, stage="generative",
+                 init_from=None, out=tmp_path / "o", state_dir=None, pseudo_queries=True)
     train = seen["train"]
     assert not any("LEAK" in c for c in train.captions)
     assert not np.isnan(train.queries).any()                        # no held-out caption embedding either

@@ -15,7 +15,7 @@ SPLIT = {"seed": 0, "val_fraction": 0.2, "test_fraction": 0.2}
 
 def _prepare(root, tmp_path, on_bad="error"):
     raw = tmp_path / "raw"
-    stats = folder.prepare({"path": str(root), "on_bad": on_bad}, raw, tmp_path / "cache", None, split_cfg=SPLIT)
+    stats = folder.prepare({"path": str(root), "on_bad": on_bad}, raw, tmp_path / "cache", split_cfg=SPLIT)
     return raw, stats
 
 
@@ -139,7 +139,7 @@ def test_tuxpaint_reader_rules(tmp_path, policy, kept):
     deb = make_deb(tmp_path / "t.deb", STAMPS, svgs=["food/apple", "shapes/star"])
     raw = tmp_path / "raw"
     stats = tuxpaint.prepare({"deb": str(deb), "version": None, "sha256": None, "duplicate_captions": policy},
-                             raw, tmp_path / "cache", None, split_cfg={"seed": 0, "val_fraction": 0.0, "test_fraction": 0.25})
+                             raw, tmp_path / "cache", split_cfg={"seed": 0, "val_fraction": 0.0, "test_fraction": 0.25})
     t = pd.read_csv(raw / "captions.csv")
     assert len(t) == kept and t["caption"].is_unique == (policy != "keep")
     assert "fr.utf8" not in " ".join(t["caption"])  # only the English first line
@@ -154,7 +154,7 @@ def test_tuxpaint_checksum_mismatch(tmp_path):
     deb = make_deb(tmp_path / "t.deb", STAMPS)
     with pytest.raises(UserError, match="expected 0{64}.*delete"):
         tuxpaint.prepare({"deb": str(deb), "version": None, "sha256": "0" * 64, "duplicate_captions": "keep"},
-                         tmp_path / "raw", tmp_path, None, split_cfg=SPLIT)
+                         tmp_path / "raw", tmp_path, split_cfg=SPLIT)
 
 
 def test_tuxpaint_not_a_deb(tmp_path):

@@ -193,7 +193,6 @@ def test_rankings_survive_any_file_name_and_rerank_reads_them(tmp_path):
     names and wrong gold ranks. JSON lines carry any name."""
     import numpy as np
     import pandas as pd
-    from argparse import Namespace
 
     from avg import featurestore, io
     from avg import rankings as ranking_files
@@ -216,8 +215,8 @@ def test_rankings_survive_any_file_name_and_rerank_reads_them(tmp_path):
     io.write_json(ev / "gen.json", {"method": "gen", "split": "test", "recall@1": 0.0, "latency_ms": 1.0,
                                     "latency_ms_median": 1.0, "qps": 1.0, "checkpoint": "ck", "sacred_run_id": "e/1"})
     cfg = {"split": "test", "ks": [1, 5], "depth": 100, "latency_queries": 2, "batch_size": 4, "rerank": {"depth": 2}}
-    m = step.run(Namespace(features=tmp_path / "features", out=tmp_path / "out", method="gen-rr", checkpoint=None,
-                           identifiers=None, rerank=ev / "gen.json"), cfg, lambda *a: None, "evaluate/2")
+    m = step.run(cfg=cfg, log=lambda *a: None, run_id="evaluate/2", features=tmp_path / "features",
+                 out=tmp_path / "out", method="gen-rr", checkpoint=None, identifiers=None, rerank=ev / "gen.json")
     assert m["recall@1"] == 1.0                                     # each gold (2nd) reranked to the top
     assert ranking_files.read(tmp_path / "out" / "gen-rr.rankings.jsonl")["ranked"][0][0] == ODD_NAMES[0]
 

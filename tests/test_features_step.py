@@ -15,7 +15,7 @@ from helpers_tiny_models import make_tiny_clip, make_tiny_siglip
 def raw(tmp_path):
     root = make_folder_dataset(tmp_path / "d", n_images=10, captions_per_image=2)
     raw = tmp_path / "raw"
-    stats = folder.prepare({"path": str(root), "on_bad": "error"}, raw, tmp_path / "c", None,
+    stats = folder.prepare({"path": str(root), "on_bad": "error"}, raw, tmp_path / "c",
                            split_cfg={"seed": 0, "val_fraction": 0.2, "test_fraction": 0.2})
     (raw / "meta.json").write_text(json.dumps(stats))
     return raw

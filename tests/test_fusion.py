@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from argparse import Namespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,18 +57,18 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
     from tests.test_training import nolog, step_cfg, write_synthetic
 
     features, ids = write_synthetic(tmp_path)
-    train_step.run(Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                             out=tmp_path / "ckpt", state_dir=None), step_cfg(epochs=2), nolog, "train/1")
+    train_step.run(cfg=step_cfg(epochs=2), log=nolog, run_id="train/1", features=features, identifiers=ids,
+                   codebook=None, stage="generative", init_from=None, out=tmp_path / "ckpt", state_dir=None)
     cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 3, "batch_size": 4,
            "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
                           "decoder": "fast"},
            "fusion": {"betas": [0, 1, 10, 100]}}
     ev = tmp_path / "eval"
-    step.run(Namespace(features=features, out=ev, method="gen", checkpoint=tmp_path / "ckpt", identifiers=ids,
-                       rerank=None, fusion=None), {k: v for k, v in cfg.items() if k != "fusion"}, nolog, "evaluate/1")
-    args = Namespace(features=features, out=ev, method="gen-fu", checkpoint=tmp_path / "ckpt", identifiers=ids,
-                     rerank=None, fusion=ev / "gen.json")
-    m = step.run(args, cfg, nolog, "evaluate/2")
+    step.run(cfg={k: v for k, v in cfg.items() if k != "fusion"}, log=nolog, run_id="evaluate/1", features=features,
+             out=ev, method="gen", checkpoint=tmp_path / "ckpt", identifiers=ids, rerank=None, fusion=None)
+    args = dict(features=features, out=ev, method="gen-fu", checkpoint=tmp_path / "ckpt", identifiers=ids,
+                rerank=None, fusion=ev / "gen.json")
+    m = step.run(cfg=cfg, log=nolog, run_id="evaluate/2", **args)
     fu = m["fusion"]
     assert fu["from"] == "gen" and fu["chosen_on"] == "val" and fu["beta"] in (0, 1, 10, 100)
     assert [g["beta"] for g in fu["val_grid"]] == [0, 1, 10, 100] and fu["n_val_queries"] > 0
@@ -87,8 +86,8 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
     assert m["latency_ms"] > 0 and m["qps"] > 0
     # bad input: a clear message
     with pytest.raises(UserError, match="pass its --checkpoint"):
-        step.run(Namespace(**{**vars(args), "checkpoint": None}), cfg, nolog, "x")
+        step.run(cfg=cfg, log=nolog, run_id="x", **{**args, "checkpoint": None})
     with pytest.raises(UserError, match="evaluate.fusion slice"):
-        step.run(args, {k: v for k, v in cfg.items() if k != "fusion"}, nolog, "x")
+        step.run(cfg={k: v for k, v in cfg.items() if k != "fusion"}, log=nolog, run_id="x", **args)
     with pytest.raises(UserError, match="pass one"):
-        step.run(Namespace(**{**vars(args), "rerank": ev / "gen.json"}), cfg, nolog, "x")
+        step.run(cfg=cfg, log=nolog, run_id="x", **{**args, "rerank": ev / "gen.json"})

@@ -46,7 +46,7 @@ def image_dataset(columns: dict):
 
 def run(tmp_path, path, split_cfg=SPLIT, out="raw", **cfg):
     raw = tmp_path / out
-    stats = hf.prepare({**HF, "path": str(path), **cfg}, raw, tmp_path / "cache", None, split_cfg=split_cfg)
+    stats = hf.prepare({**HF, "path": str(path), **cfg}, raw, tmp_path / "cache", split_cfg=split_cfg)
     return raw, pd.read_csv(raw / "captions.csv"), stats
 
 
@@ -263,7 +263,7 @@ def small(tmp_path):
 
 def test_null_path_names_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.hf\.path is not set in params/data.yaml"):
-        hf.prepare({**HF, "path": None}, tmp_path / "raw", tmp_path / "cache", None, split_cfg=SPLIT)
+        hf.prepare({**HF, "path": None}, tmp_path / "raw", tmp_path / "cache", split_cfg=SPLIT)
 
 
 def test_missing_caption_column_names_it_and_the_columns(tmp_path, small):

@@ -111,13 +111,13 @@ def test_partial_file_survives_a_failed_run_and_the_next_run_resumes(server, tmp
     dest = tmp_path / "blob.bin"
     part = tmp_path / "blob.bin.part"
     with pytest.raises(http.DownloadError, match="resume") as err:
-        http.download(f"{server.url}/blob.bin", dest, chunk=1024, retries=0, progress=False)
+        http.fetch(f"{server.url}/blob.bin", dest, chunk=1024, retries=0, progress=False)
     assert f"{server.url}/blob.bin" in str(err.value)
     kept = part.stat().st_size
     assert 0 < kept < len(BLOB) and not dest.exists()
     assert part.read_bytes() == BLOB[:kept]
 
-    http.download(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), chunk=1024, progress=False)
+    http.fetch(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), chunk=1024, progress=False)
     assert server.requests[-1]["range"] == f"bytes={kept}-"
     assert dest.read_bytes() == BLOB and not part.exists()
 
@@ -135,7 +135,7 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
 def test_dropped_transfer_on_range_ignoring_server_still_completes(server, tmp_path):
     server.ignore_range, server.drops = True, 1
     dest = tmp_path / "blob.bin"
-    http.download(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), chunk=1024, retries=1, backoff=0,
+    http.fetch(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), chunk=1024, retries=1, backoff=0,
                   progress=False)
     assert dest.read_bytes() == BLOB
 
@@ -143,7 +143,7 @@ def test_dropped_transfer_on_range_ignoring_server_still_completes(server, tmp_p
 def test_complete_part_is_finished_without_refetching(server, tmp_path):
     dest = tmp_path / "blob.bin"
     (tmp_path / "blob.bin.part").write_bytes(BLOB)  # killed between the last byte and the rename
-    http.download(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), progress=False)
+    http.fetch(f"{server.url}/blob.bin", dest, sha256=sha(BLOB), progress=False)
     assert dest.read_bytes() == BLOB
 
 
@@ -152,13 +152,13 @@ def test_checksum_mismatch_deletes_the_download_and_names_the_key(server, tmp_pa
     url = f"{server.url}/blob.bin"
     wrong = "0" * 64
     with pytest.raises(http.ChecksumError) as err:
-        http.download(url, dest, sha256=wrong, progress=False, key="data.coco.images_url[1]")
+        http.fetch(url, dest, sha256=wrong, progress=False, key="data.coco.images_url[1]")
     msg = str(err.value)
     assert url in msg and wrong in msg and sha(BLOB) in msg and "data.coco.images_sha256[1]" in msg
     assert not dest.exists() and not (tmp_path / "blob.bin.part").exists()
 
     with pytest.raises(http.ChecksumError, match="data.flickr30k.annotations_md5"):
-        http.download(url, dest, md5="f" * 32, progress=False, key="data.flickr30k.annotations_url")
+        http.fetch(url, dest, md5="f" * 32, progress=False, key="data.flickr30k.annotations_url")
 
 
 def test_existing_file_is_used_without_a_request_and_checked(server, tmp_path):
@@ -169,7 +169,7 @@ def test_existing_file_is_used_without_a_request_and_checked(server, tmp_path):
     assert server.requests == []
     # a hand-placed file that does not match is kept (it may be the user's only copy) but refused
     with pytest.raises(http.ChecksumError, match="Delete"):
-        http.download(f"{server.url}/blob.bin", dest, sha256="1" * 64, progress=False)
+        http.fetch(f"{server.url}/blob.bin", dest, sha256="1" * 64, progress=False)
     assert dest.read_bytes() == BLOB
 
 
@@ -192,7 +192,7 @@ def test_unreachable_source_fails_fast_with_advice(tmp_path):
     dest = tmp_path / "caption_datasets.zip"
     start = time.monotonic()
     with pytest.raises(http.SourceUnavailableError) as err:
-        http.download(url, dest, retries=3, timeout=5, progress=False, key="data.coco.annotations_url")
+        http.fetch(url, dest, retries=3, timeout=5, progress=False, key="data.coco.annotations_url")
     assert time.monotonic() - start < 3  # refused connections are not retried
     msg = str(err.value)
     assert url in msg and "offline" in msg and str(dest) in msg and "data.coco.annotations_url" in msg
@@ -202,7 +202,7 @@ def test_unreachable_source_fails_fast_with_advice(tmp_path):
 
 def test_http_error_status_is_reported(server, tmp_path):
     with pytest.raises(http.SourceUnavailableError, match="HTTP 404"):
-        http.download(f"{server.url}/missing.zip", tmp_path / "missing.zip", progress=False)
+        http.fetch(f"{server.url}/missing.zip", tmp_path / "missing.zip", progress=False)
 
 
 def test_local_path_and_file_url_are_copied(tmp_path):
@@ -214,7 +214,7 @@ def test_local_path_and_file_url_are_copied(tmp_path):
         got = http.fetch(url, dest, sha256=sha(BLOB), progress=False)
         assert dest.read_bytes() == BLOB and got.bytes_downloaded == len(BLOB)
     with pytest.raises(http.SourceUnavailableError, match="does not exist"):
-        http.download(str(tmp_path / "nope.zip"), tmp_path / "c" / "nope.zip", progress=False)
+        http.fetch(str(tmp_path / "nope.zip"), tmp_path / "c" / "nope.zip", progress=False)
 
 
 # --- extraction -------------------------------------------------------------------------------------

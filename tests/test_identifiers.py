@@ -1,7 +1,6 @@
 """Identifier schemes, collision resolution, statistics and the identifiers step."""
 from __future__ import annotations
 
-from argparse import Namespace
 from itertools import combinations
 from pathlib import Path
 
@@ -154,7 +153,8 @@ def store_and_tokenizers(tmp_path_factory):
     cfg.update({"levels": 2, "codebook_size": 4, "latent_dim": 8, "hidden": [16], "epochs": 5, "batch_size": 16})
     n = torch.get_num_threads()
     for scheme in ("rq", "avg"):
-        tok_step.run(Namespace(features=store, scheme=scheme, out=root / "tokenizer" / scheme), cfg, lambda *a: None, f"tok/{scheme}")
+        tok_step.run(cfg=cfg, log=lambda *a: None, run_id=f"tok/{scheme}", features=store, scheme=scheme,
+                     out=root / "tokenizer" / scheme)
     torch.set_num_threads(n)
     return root, store
 
@@ -164,8 +164,8 @@ def run_step(root: Path, store: Path, scheme: str, out: str = "identifiers", **o
 
     tokenizer = root / "tokenizer" / scheme if scheme in ("rq", "avg") else None
     cfg = ident_cfg(atomic={"levels": 2, "codebook_size": 8}, kmeans={"levels": 2, "branching": 4, "iters": 10}, **over)
-    return step.run(Namespace(features=store, scheme=scheme, tokenizer=tokenizer, out=root / out), cfg,
-                    lambda *a: None, f"identifiers/{scheme}")
+    return step.run(cfg=cfg, log=lambda *a: None, run_id=f"identifiers/{scheme}", features=store, scheme=scheme,
+                    tokenizer=tokenizer, out=root / out)
 
 
 @pytest.mark.parametrize("scheme", ["atomic", "kmeans", "rq", "avg"])
@@ -213,7 +213,8 @@ def test_step_errors_are_clear(store_and_tokenizers, tmp_path):
     from avg.steps import identifiers as step
 
     with pytest.raises(UserError, match="needs --tokenizer"):
-        step.run(Namespace(features=store, scheme="avg", tokenizer=None, out=tmp_path), ident_cfg(), lambda *a: None, "r")
+        step.run(cfg=ident_cfg(), log=lambda *a: None, run_id="r", features=store, scheme="avg", tokenizer=None,
+                 out=tmp_path)
     with pytest.raises(UserError, match="holds the 'rq' tokenizer"):
-        step.run(Namespace(features=store, scheme="avg", tokenizer=root / "tokenizer" / "rq", out=tmp_path),
-                 ident_cfg(), lambda *a: None, "r")
+        step.run(cfg=ident_cfg(), log=lambda *a: None, run_id="r", features=store, scheme="avg",
+                 tokenizer=root / "tokenizer" / "rq", out=tmp_path)

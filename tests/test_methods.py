@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import pytest
 import yaml
@@ -47,24 +46,25 @@ def test_train_config_applies_overrides_and_keeps_pseudo_queries_only_where_used
         recipes.load(cfg)
 
 
-def args(**kw) -> Namespace:
+def flags(**kw) -> dict:
     base = dict(recipe="avg-ix-pq-gen", methods=REPO / "params" / "methods.yaml", methods_json=None,
                 stage="generative", pseudo_queries=False)
-    return Namespace(**{**base, **kw})
+    return {**base, **kw}
 
 
 def test_train_step_resolves_a_recipe_from_the_file_or_snakemakes_json_alike():
     from avg.steps import train as step
 
     cfg = config()
-    a = args()
-    from_file = step.resolve_params(a, cfg["train"])
-    assert a.pseudo_queries is True and from_file["indexing"] is True
+    from_file, a = step.resolve_params(cfg["train"], **flags())
+    assert a["pseudo_queries"] is True and from_file["indexing"] is True
+    assert a == {"stage": "generative", "pseudo_queries": True, "recipe": "avg-ix-pq-gen"}   # what run takes
     chain = recipes.chain(cfg, "avg-ix-pq-gen")
     assert list(chain["recipes"]) == ["avg-ix-pq-gen"] and chain["evaluate"] == ["avg-ix-pq-gen"]
-    b = args(methods=None, methods_json=json.dumps(chain))
-    assert step.resolve_params(b, cfg["train"]) == from_file and b.pseudo_queries is True
-    assert step.resolve_params(args(recipe=None, methods=None), cfg["train"]) == cfg["train"]   # no recipe: as given
+    from_json, b = step.resolve_params(cfg["train"], **flags(methods=None, methods_json=json.dumps(chain)))
+    assert from_json == from_file and b["pseudo_queries"] is True
+    as_given, c = step.resolve_params(cfg["train"], **flags(recipe=None, methods=None))
+    assert as_given == cfg["train"] and c["pseudo_queries"] is False   # no recipe: as given
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -78,7 +78,7 @@ def test_train_step_recipe_errors_name_the_fix(kw, message):
     from avg.steps import train as step
 
     with pytest.raises(UserError, match=message):
-        step.resolve_params(args(**kw), config()["train"])
+        step.resolve_params(config()["train"], **flags(**kw))
 
 
 def test_cli_applies_the_recipe_before_the_run_is_recorded(tmp_path, monkeypatch):
@@ -88,8 +88,8 @@ def test_cli_applies_the_recipe_before_the_run_is_recorded(tmp_path, monkeypatch
 
     seen = {}
 
-    def fake_run(a, cfg, log, run_id):
-        seen["cfg"], seen["pq"] = cfg, a.pseudo_queries
+    def fake_run(*, cfg, log, run_id, **flags):
+        seen["cfg"], seen["pq"] = cfg, flags["pseudo_queries"]
         return {}
     monkeypatch.setattr(step, "run", fake_run)
     rc = cli.main(["train", "--params", str(REPO / "params" / "train.yaml"), "--methods", str(REPO / "params" / "methods.yaml"),

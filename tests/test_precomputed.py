@@ -22,7 +22,7 @@ def made(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pre")
     root = make_folder_dataset(tmp / "d", n_images=12, captions_per_image=2)
     raw = tmp / "raw"
-    stats = folder.prepare({"path": str(root), "on_bad": "error"}, raw, tmp / "c", None,
+    stats = folder.prepare({"path": str(root), "on_bad": "error"}, raw, tmp / "c",
                            split_cfg={"seed": 0, "val_fraction": 0.25, "test_fraction": 0.25})
     (raw / "meta.json").write_text(json.dumps(stats))
     model = make_tiny_clip(tmp / "clip", seed=0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from argparse import Namespace
 
 import numpy as np
 import pandas as pd
@@ -121,27 +120,27 @@ def test_train_step_records_and_uses_pseudo_queries(tmp_path):
     features, ids = write_synthetic(tmp_path)
     cfg = step_cfg(epochs=1)
     cfg["pseudo_queries"] = copy.deepcopy({**CFG, "per_image": 3})
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                     out=tmp_path / "ckpt" / "avg-pq-gen", state_dir=None, pseudo_queries=True)
-    step.run(args, cfg, lambda *a: None, "train/1")
-    meta = io.read_json(args.out / "train.json")
+    args = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                out=tmp_path / "ckpt" / "avg-pq-gen", state_dir=None, pseudo_queries=True)
+    step.run(cfg=cfg, log=lambda *a: None, run_id="train/1", **args)
+    meta = io.read_json(args["out"] / "train.json")
     feats = featurestore.load(features)
     n_eval_images = int(feats.images["split"].isin(["val", "test"]).sum())
     n_train_caps = int((feats.captions["split"] == "train").sum())
     assert meta["pseudo_queries"]["n_queries"] == 3 * n_eval_images and meta["pseudo_queries"]["source"] == "knn"
     assert meta["n_train_captions"] == n_train_caps + 3 * n_eval_images
-    written = pd.read_csv(args.out / "pseudo_queries.csv")
+    written = pd.read_csv(args["out"] / "pseudo_queries.csv")
     assert len(written) == 3 * n_eval_images
     assert set(written["caption"]) <= set(feats.captions.loc[feats.captions["split"] == "train", "caption"])
 
-    disc = Namespace(**{**vars(args), "stage": "discriminative", "init_from": args.out, "out": tmp_path / "ckpt" / "avg-pq"})
-    step.run(disc, cfg, lambda *a: None, "train/2")
-    assert io.read_json(disc.out / "train.json")["pseudo_queries"]["n_images"] == n_eval_images
+    disc = {**args, "stage": "discriminative", "init_from": args["out"], "out": tmp_path / "ckpt" / "avg-pq"}
+    step.run(cfg=cfg, log=lambda *a: None, run_id="train/2", **disc)
+    assert io.read_json(disc["out"] / "train.json")["pseudo_queries"]["n_images"] == n_eval_images
 
-    plain = Namespace(**{**vars(args), "pseudo_queries": False, "out": tmp_path / "ckpt" / "avg-gen"})
-    step.run(plain, cfg, lambda *a: None, "train/3")
-    assert io.read_json(plain.out / "train.json")["pseudo_queries"] is None
-    assert not (plain.out / "pseudo_queries.csv").exists()
+    plain = {**args, "pseudo_queries": False, "out": tmp_path / "ckpt" / "avg-gen"}
+    step.run(cfg=cfg, log=lambda *a: None, run_id="train/3", **plain)
+    assert io.read_json(plain["out"] / "train.json")["pseudo_queries"] is None
+    assert not (plain["out"] / "pseudo_queries.csv").exists()
 
 
 def test_the_authors_pseudo_query_json_is_read_as_they_ship_it(tmp_path):
@@ -170,7 +169,6 @@ def test_the_authors_pseudo_query_json_is_read_as_they_ship_it(tmp_path):
 
 def test_a_pq_recipe_trains_on_the_authors_json(tmp_path):
     import json
-    from argparse import Namespace
     from pathlib import Path
 
     from avg import featurestore, io
@@ -184,9 +182,8 @@ def test_a_pq_recipe_trains_on_the_authors_json(tmp_path):
     (tmp_path / "pseudo_query.json").write_text(json.dumps(doc))
     cfg = step_cfg(epochs=1)
     cfg["pseudo_queries"].update(source="file", file=str(tmp_path / "pseudo_query.json"))
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                     out=tmp_path / "avg-pq-gen", state_dir=None, pseudo_queries=True)
-    step.run(args, cfg, nolog, "train/1")
+    step.run(cfg=cfg, log=nolog, run_id="train/1", features=features, identifiers=ids, codebook=None,
+             stage="generative", init_from=None, out=tmp_path / "avg-pq-gen", state_dir=None, pseudo_queries=True)
     meta = io.read_json(tmp_path / "avg-pq-gen" / "train.json")
     assert meta["pseudo_queries"]["source"] == "file" and meta["pseudo_queries"]["n_queries"] == 2 * len(held)
     assert meta["n_train_captions"] == (feats.captions["split"] == "train").sum() + 2 * len(held)

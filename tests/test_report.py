@@ -5,7 +5,6 @@ checkpoint train.json chains, Sacred run folders, a benchmark json, raw images) 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -130,10 +129,10 @@ def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upst
 def run_report(fx: dict, cfg_update: dict | None = None, evals=None, identifiers=None, out_name="out") -> Path:
     cfg = params.load_file(REPO / "params" / "report.yaml", "report") | (cfg_update or {})
     out = fx["root"] / "reports" / out_name
-    args = argparse.Namespace(dataset_dir=fx["ds"], evals=fx["evals"] if evals is None else evals,
-                              identifiers=fx["identifiers"] if identifiers is None else identifiers,
-                              runs=fx["runs"], runs_dir=fx["runs"], bench=fx["bench"], out=out)
-    step.run(args, cfg, lambda *a: None, "report/7")
+    step.run(cfg=cfg, log=lambda *a: None, run_id="report/7", dataset_dir=fx["ds"],
+             evals=fx["evals"] if evals is None else evals,
+             identifiers=fx["identifiers"] if identifiers is None else identifiers,
+             runs=fx["runs"], bench=fx["bench"], out=out)
     return out
 
 
@@ -329,9 +328,8 @@ def test_figures_beside_the_report_and_dvc_plot_tables(built):
 
 
 def test_training_curves_come_from_the_named_sacred_runs(built):
-    data = step.collect(argparse.Namespace(dataset_dir=built["ds"], evals=built["evals"], identifiers=built["identifiers"],
-                                           runs=built["runs"], runs_dir=built["runs"], bench=None),
-                        params.load_file(REPO / "params" / "report.yaml", "report"), "report/x")
+    data = step.collect(params.load_file(REPO / "params" / "report.yaml", "report"), "report/x", dataset_dir=built["ds"],
+                        evals=built["evals"], identifiers=built["identifiers"], runs=built["runs"], bench=None)
     plotted = {r.run_id: R.run_curves(r) for r in R.training_runs(data)}
     assert set(plotted) == {"train/1", "train/2", "tokenizer/1"}
     assert plotted["train/1"]["loss"]["generative.train_loss"] == ([1, 2, 3], [2.0, 1.5, 1.2])
@@ -343,9 +341,8 @@ def test_examples_are_a_seeded_sample_with_gold_marked(built):
     page = (built["out"] / "comparison.html").read_text()
     ids = re.findall(r'class="example" data-caption-id="([^"]+)"', page)
     assert len(ids) == 6 and len(set(ids)) == 6
-    data = step.collect(argparse.Namespace(dataset_dir=built["ds"], evals=built["evals"], identifiers=[],
-                                           runs=built["runs"], runs_dir=built["runs"], bench=None),
-                        params.load_file(REPO / "params" / "report.yaml", "report"), "report/x")
+    data = step.collect(params.load_file(REPO / "params" / "report.yaml", "report"), "report/x", dataset_dir=built["ds"],
+                        evals=built["evals"], identifiers=[], runs=built["runs"], bench=None)
     again = R.pick_examples(data.methods, 6, 0, 5)
     assert [e.caption_id for e in again] == ids                     # same seed, same captions
     assert [e.caption_id for e in R.pick_examples(data.methods, 6, 1, 5)] != ids

@@ -1,7 +1,6 @@
 """Retrieve, then rerank: the reorder itself, the evaluate step's -rr path and its DAG wiring."""
 from __future__ import annotations
 
-from argparse import Namespace
 
 import numpy as np
 import pandas as pd
@@ -62,8 +61,8 @@ def test_evaluate_step_reranks_a_generative_methods_rankings(tmp_path):
     ranked = [[(i + 1) % 6, i, (i + 2) % 6, (i + 3) % 6, -1] if i != 1 else [0, 2, 3, 1, 4] for i in range(6)]
     src = write_source(tmp_path, names, ranked)
     out = tmp_path / "out"
-    m = step.run(Namespace(features=features, out=out, method="gen-rr", checkpoint=None, identifiers=None, rerank=src),
-                 cfg(), lambda *a: None, "evaluate/8")
+    m = step.run(cfg=cfg(), log=lambda *a: None, run_id="evaluate/8", features=features, out=out, method="gen-rr",
+                 checkpoint=None, identifiers=None, rerank=src)
     assert m["recall@1"] == pytest.approx(5 / 6)                   # every gold within depth 3 moves to the top
     assert m["recall@5"] == pytest.approx(1.0)                     # query 1's gold stays 4th, after the reranked head
     assert m["latency_ms"] >= 30.0 and m["qps"] < 50.0             # the generative cost plus the rerank's
@@ -79,16 +78,16 @@ def test_rerank_errors_name_the_fix(tmp_path):
     from avg.steps import evaluate as step
 
     features, names = synthetic(tmp_path)
-    args = Namespace(features=features, out=tmp_path / "out", method="gen-rr", checkpoint=None, identifiers=None,
-                     rerank=tmp_path / "eval" / "gen.json")
+    args = dict(features=features, out=tmp_path / "out", method="gen-rr", checkpoint=None, identifiers=None,
+                rerank=tmp_path / "eval" / "gen.json")
     with pytest.raises(UserError, match="evaluate that method first"):
-        step.run(args, cfg(), lambda *a: None, "r")
+        step.run(cfg=cfg(), log=lambda *a: None, run_id="r", **args)
     write_source(tmp_path, names, [[i] for i in range(6)], split="val")
     with pytest.raises(UserError, match="split 'val'.*evaluate.split"):
-        step.run(args, cfg(), lambda *a: None, "r")
+        step.run(cfg=cfg(), log=lambda *a: None, run_id="r", **args)
     write_source(tmp_path, names[:4], [[i] for i in range(4)])
     with pytest.raises(UserError, match="no ranking for 2 caption"):
-        step.run(args, cfg(), lambda *a: None, "r")
+        step.run(cfg=cfg(), log=lambda *a: None, run_id="r", **args)
 
 
 def test_rerank_recipes_pull_in_what_they_rerank():
@@ -113,5 +112,5 @@ def test_rerank_without_its_params_slice_is_a_clear_error(tmp_path):
     c = cfg()
     del c["rerank"]              # what the generative/dense rules pass: they do not read it
     with pytest.raises(UserError, match="evaluate.rerank slice"):
-        step.run(Namespace(features=features, out=tmp_path / "o", method="gen-rr", checkpoint=None, identifiers=None,
-                           rerank=src), c, lambda *a: None, "r")
+        step.run(cfg=c, log=lambda *a: None, run_id="r", features=features, out=tmp_path / "o", method="gen-rr",
+                 checkpoint=None, identifiers=None, rerank=src)

@@ -1,7 +1,6 @@
 """The RQ-VAE tokenizer: quantiser shapes and gradients, k-means init, determinism, training, the step."""
 from __future__ import annotations
 
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -218,8 +217,8 @@ def test_step_writes_a_self_describing_checkpoint(tmp_path, scheme):
 
     store = write_store(tmp_path / "features")
     logs = []
-    metrics = step.run(Namespace(features=store, scheme=scheme, out=tmp_path / scheme), tiny_cfg(epochs=4, fit_on="train"),
-                       lambda *a: logs.append(a), "tokenizer/7")
+    metrics = step.run(cfg=tiny_cfg(epochs=4, fit_on="train"), log=lambda *a: logs.append(a), run_id="tokenizer/7",
+                       features=store, scheme=scheme, out=tmp_path / scheme)
     meta = io.read_json(tmp_path / scheme / "meta.json")
     assert meta["sacred_run_id"] == "tokenizer/7" and meta["scheme"] == scheme
     assert meta["best_epoch"] == metrics["best_epoch"] and len(meta["val_loss"]) == 4
@@ -247,13 +246,13 @@ def test_corpus_fit_sees_every_image_but_only_train_captions(tmp_path):
     assert not t[~has].any()                       # val/test images enter with no caption embedding
     np.testing.assert_array_equal(x[:36], train.image)
     meta_dir = tmp_path / "avg"
-    step.run(Namespace(features=store, scheme="avg", out=meta_dir), tiny_cfg(epochs=2, fit_on="corpus"),
-             lambda *a: None, "tokenizer/8")
+    step.run(cfg=tiny_cfg(epochs=2, fit_on="corpus"), log=lambda *a: None, run_id="tokenizer/8", features=store,
+             scheme="avg", out=meta_dir)
     meta = io.read_json(meta_dir / "meta.json")
     assert meta["fit_on"] == "corpus" and meta["n_fit_images"] == 60 and meta["n_fit_images_with_captions"] == 36
     # the corpus fit moves the codes: a train-fitted tokenizer of the same seed encodes differently
-    step.run(Namespace(features=store, scheme="avg", out=tmp_path / "avg-train"), tiny_cfg(epochs=2, fit_on="train"),
-             lambda *a: None, "tokenizer/9")
+    step.run(cfg=tiny_cfg(epochs=2, fit_on="train"), log=lambda *a: None, run_id="tokenizer/9", features=store,
+             scheme="avg", out=tmp_path / "avg-train")
     load = lambda d: tok.RQVAE.from_checkpoint(torch.load(d / "model.pt", weights_only=True))
     a = tok.encode(load(meta_dir), feats.image).recon
     b = tok.encode(load(tmp_path / "avg-train"), feats.image).recon
@@ -265,7 +264,7 @@ def test_step_rejects_unknown_scheme(tmp_path):
     from avg.steps import tokenizer as step
 
     with pytest.raises(UserError, match="rq or avg"):
-        step.run(Namespace(features=tmp_path, scheme="kmeans", out=tmp_path / "x"), tiny_cfg(), lambda *a: None, "r")
+        step.run(cfg=tiny_cfg(), log=lambda *a: None, run_id="r", features=tmp_path, scheme="kmeans", out=tmp_path / "x")
 
 
 def test_ema_codebooks_move_to_the_mean_of_their_residuals():

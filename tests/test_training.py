@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-from argparse import Namespace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,30 +215,29 @@ def test_train_step_generative_then_discriminative_then_evaluate(tmp_path):
 
     features, ids = write_synthetic(tmp_path)
     cfg = step_cfg()
-    gen_args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                         out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
+    gen_args = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
+                    out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
 
     def dies_in_epoch_2(name, value, s):
         if s == 2:
             raise Interrupt
     with pytest.raises(Interrupt):
-        step.run(gen_args, cfg, dies_in_epoch_2, "train/1")
-    assert (tmp_path / "ckpt" / "avg-gen.resume" / "last").exists() and not gen_args.out.exists()
+        step.run(cfg=cfg, log=dies_in_epoch_2, run_id="train/1", **gen_args)
+    assert (tmp_path / "ckpt" / "avg-gen.resume" / "last").exists() and not gen_args["out"].exists()
     steps = []
-    gen = step.run(gen_args, cfg, lambda n, v, s: steps.append(s), "train/2")   # the rerun resumes
+    gen = step.run(cfg=cfg, log=lambda n, v, s: steps.append(s), run_id="train/2", **gen_args)   # the rerun resumes
     assert min(steps) == 2 and gen["epochs_run"] == 3
     assert not (tmp_path / "ckpt" / "avg-gen.resume").exists()
-    meta = io.read_json(gen_args.out / "train.json")
+    meta = io.read_json(gen_args["out"] / "train.json")
     assert meta["sacred_run_id"] == "train/2" and meta["stage"] == "generative" and meta["n_val_images"] == 6
-    assert (gen_args.out / "config.json").exists() and (gen_args.out / "avg_vokens.json").exists()
+    assert (gen_args["out"] / "config.json").exists() and (gen_args["out"] / "avg_vokens.json").exists()
 
-    disc_args = Namespace(**{**vars(gen_args), "stage": "discriminative", "init_from": gen_args.out,
-                             "out": tmp_path / "ckpt" / "avg"})
-    disc = step.run(disc_args, cfg, nolog, "train/3")
-    assert disc["stage"] == "discriminative" and disc["init_from"] == str(gen_args.out)
+    disc_args = {**gen_args, "stage": "discriminative", "init_from": gen_args["out"], "out": tmp_path / "ckpt" / "avg"}
+    disc = step.run(cfg=cfg, log=nolog, run_id="train/3", **disc_args)
+    assert disc["stage"] == "discriminative" and disc["init_from"] == str(gen_args["out"])
 
     ecfg = {"split": "test", "ks": [1, 5, 10], "generative": {**params_slice("evaluate")["generative"], "num_beams": 10, "batch_size": 4, "latency_queries": 3}}
-    metrics, rankings, scores = evaluate_generative(disc_args.out, ids, featurestore.load(features), ecfg, nolog)
+    metrics, rankings, scores = evaluate_generative(disc_args["out"], ids, featurestore.load(features), ecfg, nolog)
     test = featurestore.load(features).split("test")
     assert rankings.shape == (len(test.captions), 10) == scores.shape
     assert metrics["n_corpus"] == len(test.images) == 6
@@ -248,7 +246,7 @@ def test_train_step_generative_then_discriminative_then_evaluate(tmp_path):
     for key in ("recall@1", "recall@5", "recall@10", "median_rank", "latency_ms", "qps", "n_queries"):
         assert key in metrics
     # the same through a captions table instead of a feature store
-    m2, r2, _ = evaluate_generative(disc_args.out, ids, test.captions, ecfg, None, split="test")
+    m2, r2, _ = evaluate_generative(disc_args["out"], ids, test.captions, ecfg, None, split="test")
     assert np.array_equal(r2, rankings) and m2["recall@1"] == metrics["recall@1"]
 
 
@@ -258,14 +256,14 @@ def test_train_step_errors_are_actionable(tmp_path):
 
     features, ids = write_synthetic(tmp_path)
     cfg = step_cfg()
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="discriminative", init_from=None,
-                     out=tmp_path / "o", state_dir=None)
+    args = dict(features=features, identifiers=ids, codebook=None, stage="discriminative", init_from=None,
+                out=tmp_path / "o", state_dir=None)
     with pytest.raises(UserError, match="--init-from"):
-        step.run(args, cfg, nolog, "x")
-    args.stage = "generative"
-    args.codebook = tmp_path / "missing.codebook.npy"
+        step.run(cfg=cfg, log=nolog, run_id="x", **args)
+    args["stage"] = "generative"
+    args["codebook"] = tmp_path / "missing.codebook.npy"
     with pytest.raises(UserError, match="does not exist"):
-        step.run(args, cfg, nolog, "x")
+        step.run(cfg=cfg, log=nolog, run_id="x", **args)
 
 
 def test_scheme_without_codebook_trains_with_random_vokens(tmp_path):
@@ -274,9 +272,8 @@ def test_scheme_without_codebook_trains_with_random_vokens(tmp_path):
     features, ids = write_synthetic(tmp_path)
     (ids.parent / "avg.codebook.npy").unlink()                  # like the atomic scheme
     cfg = step_cfg(epochs=1)
-    args = Namespace(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
-                     out=tmp_path / "o", state_dir=None)
-    step.run(args, cfg, nolog, "x")
+    step.run(cfg=cfg, log=nolog, run_id="x", features=features, identifiers=ids, codebook=None, stage="generative",
+             init_from=None, out=tmp_path / "o", state_dir=None)
     assert io.read_json(tmp_path / "o" / "train.json")["voken_init_used"] == "random"
 
 

@@ -57,6 +57,7 @@ def image_archives(cfg: dict) -> list[tuple[str, str, str | None, str | None]]:
     return out
 
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, progress: bool = True) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     return karpathy.prepare_karpathy(NAME, cfg, JSON_MEMBER, image_archives(cfg), Path(raw_dir), Path(cache_dir),
                                      progress)

@@ -51,6 +51,7 @@ def image_archive(cfg: dict, cache_dir: Path) -> str:
         "or take Flickr30K from the Hugging Face hub with data.source: hf and data.hf.path: nlphuji/flickr30k")
 
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, progress: bool = True) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     archives = [(image_archive(cfg, cache_dir), f"data.{NAME}.images_url", cfg["images_sha256"], cfg["images_md5"])]
     return karpathy.prepare_karpathy(NAME, cfg, JSON_MEMBER, archives, Path(raw_dir), Path(cache_dir), progress)

@@ -69,7 +69,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict | None = None) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     if not cfg.get("path"):
         raise UserError("data.source is 'folder' but data.folder.path is not set in params/data.yaml")
     root = Path(cfg["path"]).expanduser()

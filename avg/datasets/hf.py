@@ -233,7 +233,8 @@ def _where(part_name: str | None, row: int, split_value=None) -> str:
 
 # --- prepare ----------------------------------------------------------------------------------------
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict | None = None) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     loaded = load(cfg, cache_dir)
     from datasets import Image as ImageFeature

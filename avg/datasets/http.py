@@ -79,13 +79,6 @@ class Fetched:
         return asdict(self)
 
 
-def download(url: str, dest: Path, sha256: str | None = None, md5: str | None = None, chunk: int = 1 << 20,
-             timeout: float = 60, retries: int = 3, **kwargs) -> Path:
-    """Fetch ``url`` to ``dest`` (see :func:`fetch`); returns ``dest``."""
-    return Path(fetch(url, dest, sha256=sha256, md5=md5, chunk=chunk, timeout=timeout, retries=retries,
-                      **kwargs).path)
-
-
 def fetch(url: str, dest: Path, sha256: str | None = None, md5: str | None = None, chunk: int = 1 << 20,
           timeout: float = 60, retries: int = 3, *, key: str | None = None, backoff: float = 1.0,
           progress: bool = True) -> Fetched:
@@ -444,6 +437,15 @@ def _target(out_dir: Path, archive: Path, rel: str) -> Path:
     return out_dir.joinpath(*clean.parts)
 
 
+def _copy_member(src, out_dir: Path, archive: Path, rel: str) -> Path:
+    """Write one archive member's bytes to its place under ``out_dir``; the written path."""
+    dest = _target(out_dir, archive, rel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return dest
+
+
 def _extract_zip(archive: Path, out_dir: Path, select: Select, progress: bool) -> list[str]:
     written = []
     with zipfile.ZipFile(archive) as zf:
@@ -455,13 +457,10 @@ def _extract_zip(archive: Path, out_dir: Path, select: Select, progress: bool) -
             if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
                 continue
             rel = select(info.filename)
-            if rel is None:
-                continue
-            dest = _target(out_dir, archive, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(dest, "wb") as dst:  # zf.open checks the CRC at the end
-                shutil.copyfileobj(src, dst, 1 << 20)
-            written.append(rel)
+            if rel is not None:
+                with zf.open(info) as src:      # zf.open checks the CRC at the end
+                    _copy_member(src, out_dir, archive, rel)
+                written.append(rel)
     return written
 
 
@@ -483,14 +482,8 @@ def _extract_tar(archive: Path, out_dir: Path, select: Select, progress: bool) -
             if not member.isfile():
                 continue
             rel = select(member.name)
-            if rel is None:
-                continue
-            dest = _target(out_dir, archive, rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(member)
-            with open(dest, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            if dest.stat().st_size != member.size:
-                raise tarfile.ReadError(f"member {member.name} is cut short")
-            written.append(rel)
+            if rel is not None:
+                if _copy_member(tf.extractfile(member), out_dir, archive, rel).stat().st_size != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is cut short")
+                written.append(rel)
     return written

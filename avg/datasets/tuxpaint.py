@@ -180,7 +180,8 @@ def select(pngs: dict[str, bytes], captions: dict[str, str], svgs: list[str], du
     return pairs, dict(counts)
 
 
-def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, log=None, split_cfg: dict | None = None) -> dict:
+def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None = None, log=None,
+            progress: bool = True) -> dict:
     assert split_cfg is not None, "tuxpaint has no published split: pass data.split"
     version = cfg.get("version")
     deb = Path(cfg["deb"]) if cfg.get("deb") else fetch_deb(cache_dir / "tuxpaint", version)

@@ -6,13 +6,13 @@ captions.csv), flickr30k or coco (Karpathy splits), hf (a Hugging Face ``dataset
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 from pathlib import Path
 
 from avg import io
 from avg.errors import UserError
 from avg.datasets import source_module
+from avg.steps import params_as_given, path_flags
 
 STEP = "data"
 logger = logging.getLogger(__name__)
@@ -23,11 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, default=Path("cache"), help="downloaded archives (kept across runs)")
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
+resolve_params = params_as_given
+sacred_paths = path_flags
+
+
+def run(*, cfg: dict, log, run_id: str, out: Path, cache: Path = Path("cache")) -> dict:
     mod = source_module(cfg["source"])
     sub = cfg[cfg["source"]]
-    kwargs = {"split_cfg": cfg["split"]} if "split_cfg" in inspect.signature(mod.prepare).parameters else {}
-    out = Path(args.out)
+    out = Path(out)
     from avg.params import source_overlaps
 
     # Snakemake refuses a source anywhere under data/<name>/ at start-up; DVC runs the step directly
@@ -38,7 +41,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     # captions.csv is rewritten last by every source, and meta.json after it: a run killed midway
     # leaves no meta.json, so the output never looks complete.
     (out / "meta.json").unlink(missing_ok=True)
-    stats = mod.prepare(sub, out, Path(args.cache), log, **kwargs)
+    stats = mod.prepare(sub, out, Path(cache), split_cfg=cfg.get("split"), log=log)
     from avg.datasets.table import check_splits
 
     check_splits(stats["splits"], cfg["source"])   # before meta.json: a dataset without one split never looks complete

@@ -27,6 +27,7 @@ from avg import featurestore, io
 from avg import rankings as ranking_files
 from avg.errors import UserError
 from avg.metrics import retrieval_metrics
+from avg.steps import params_as_given, path_flags
 from avg.timing import time_queries
 
 STEP = "evaluate"
@@ -219,35 +220,40 @@ def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict
     return metrics, rankings, scores
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
+resolve_params = params_as_given
+sacred_paths = path_flags
+
+
+def run(*, cfg: dict, log, run_id: str, features: Path, out: Path, method: str, checkpoint: Path | None = None,
+        identifiers: Path | None = None, rerank: Path | None = None, fusion: Path | None = None) -> dict:
     # depth, num_beams and rerank depth against evaluate.ks: checked with the params (avg.params.cross_checks)
-    store = featurestore.load(args.features)
+    store = featurestore.load(features)
     feats = store.split(cfg["split"])
     if len(feats.captions) == 0:
         raise UserError(f"split {cfg['split']!r} has no captions; set evaluate.split in params/evaluate.yaml")
-    if getattr(args, "rerank", None) is not None and getattr(args, "fusion", None) is not None:
+    if rerank is not None and fusion is not None:
         raise UserError("--rerank and --fusion are two ways of ranking one method's beams: pass one")
-    if getattr(args, "fusion", None) is not None:
-        metrics, rankings, scores = evaluate_fused(args.fusion, args.checkpoint, args.identifiers, store, cfg)
-    elif getattr(args, "rerank", None) is not None:
-        metrics, rankings, scores = evaluate_reranked(args.rerank, feats, cfg)
-    elif args.checkpoint is None:
+    if fusion is not None:
+        metrics, rankings, scores = evaluate_fused(fusion, checkpoint, identifiers, store, cfg)
+    elif rerank is not None:
+        metrics, rankings, scores = evaluate_reranked(rerank, feats, cfg)
+    elif checkpoint is None:
         metrics, rankings, scores = evaluate_dense(feats, cfg)
     else:
         from avg.generative_eval import evaluate_generative
 
-        metrics, rankings, scores = evaluate_generative(args.checkpoint, args.identifiers, feats, cfg, log)
-    metrics.update({"method": args.method, "split": cfg["split"], "n_corpus": int(len(feats.images)),
+        metrics, rankings, scores = evaluate_generative(checkpoint, identifiers, feats, cfg, log)
+    metrics.update({"method": method, "split": cfg["split"], "n_corpus": int(len(feats.images)),
                     "encoder": feats.meta.get("encoder"), "features_run_id": feats.meta.get("sacred_run_id"),
                     "sacred_run_id": run_id})
-    out = Path(args.out)
+    out = Path(out)
     # generative max_queries evaluates the first N captions only: their rows, not the whole split's
-    ranking_files.write(ranking_files.path_for(out / f"{args.method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
+    ranking_files.write(ranking_files.path_for(out / f"{method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
                    rankings, scores)
-    io.write_json(out / f"{args.method}.json", metrics)
+    io.write_json(out / f"{method}.json", metrics)
     from avg.tracking import ARTIFACTS
 
-    logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", args.method, cfg["split"],
+    logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", method, cfg["split"],
                 metrics.get("recall@1", 0), metrics.get("recall@5", 0), metrics.get("recall@10", 0),
                 metrics["latency_ms"], metrics["qps"])
-    return {**metrics, ARTIFACTS: [out / f"{args.method}.json", ranking_files.path_for(out / f"{args.method}.json")]}
+    return {**metrics, ARTIFACTS: [out / f"{method}.json", ranking_files.path_for(out / f"{method}.json")]}

@@ -18,6 +18,7 @@ import pandas as pd
 
 from avg import featurestore
 from avg.errors import UserError
+from avg.steps import params_as_given, path_flags
 
 STEP = "features"
 logger = logging.getLogger(__name__)
@@ -103,8 +104,12 @@ def _device(cfg: dict):
     return resolve_device(cfg["device"])
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
-    raw_dir, out = Path(args.raw), Path(args.out)
+resolve_params = params_as_given
+sacred_paths = path_flags
+
+
+def run(*, cfg: dict, log, run_id: str, raw: Path, out: Path) -> dict:
+    raw_dir, out = Path(raw), Path(out)
     images, captions = corpus_tables(raw_dir)
     logger.info("encoding %d images and %d captions with %s", len(images), len(captions), cfg["encoder"])
     start = time.perf_counter()

@@ -21,9 +21,9 @@ from avg import featurestore, io
 from avg import identifiers as ident
 from avg import tokenizer as tok
 from avg.errors import UserError
+from avg.steps import params_as_given
 
 STEP = "identifiers"
-TRAINED = ("rq", "avg")
 logger = logging.getLogger(__name__)
 
 
@@ -35,9 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/tuxpaint/identifiers")
 
 
-def sacred_config(args) -> dict:
-    return {"features": str(args.features), "scheme": args.scheme,
-            "tokenizer": str(args.tokenizer) if args.tokenizer else None, "out": str(args.out)}
+resolve_params = params_as_given
+
+
+def sacred_paths(*, features: Path, scheme: str, out: Path, tokenizer: Path | None = None,
+                 params: Path | None = None) -> dict:
+    """The inputs and output (the ``--params`` file is not recorded: its content is the run's config)."""
+    return {"features": str(features), "scheme": scheme,
+            "tokenizer": str(tokenizer) if tokenizer else None, "out": str(out)}
 
 
 def load_tokenizer(folder: Path, scheme: str) -> tuple[tok.RQVAE, dict]:
@@ -81,26 +86,27 @@ def semantic_checks(feats: featurestore.Features, first: np.ndarray) -> dict:
             "semantic_check_all": ident.semantic_check(first, caps, np.flatnonzero(has), "all images, all their captions")}
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
-    ident.check_scheme(args.scheme, source="--scheme")
-    feats = featurestore.load(args.features)
-    sc, extra = scheme_codes(args.scheme, cfg, feats, args.tokenizer)
+def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path,
+        tokenizer: Path | None = None) -> dict:
+    ident.check_scheme(scheme, source="--scheme")
+    feats = featurestore.load(features)
+    sc, extra = scheme_codes(scheme, cfg, feats, tokenizer)
     mode = cfg["collision_resolution"]
     ids, sizes = ident.resolve_collisions(sc, mode)
-    stats = ident.identifier_stats(args.scheme, sc, ids, sizes, mode)
-    assert stats["all_unique"], f"{args.scheme}: identifiers not unique after {mode} resolution"
+    stats = ident.identifier_stats(scheme, sc, ids, sizes, mode)
+    assert stats["all_unique"], f"{scheme}: identifiers not unique after {mode} resolution"
     stats.update(semantic_checks(feats, sc.codes[:, 0]))
     stats.update(extra)
     stats.update({"sacred_run_id": run_id, "seed": cfg["seed"], "features_run_id": feats.meta.get("sacred_run_id")})
 
-    out = Path(args.out)
+    out = Path(out)
     table = pd.DataFrame({"image": feats.images["image"], "split": feats.images["split"],
                           "identifier": ident.format_identifiers(ids)})
-    io.write_csv(out / f"{args.scheme}.tsv", table, sep="\t")
+    io.write_csv(out / f"{scheme}.tsv", table, sep="\t")
     if sc.codebook is not None:
-        io.save_npy(out / f"{args.scheme}.codebook.npy", sc.codebook.astype(np.float32))
-    io.write_json(out / f"{args.scheme}.json", stats)
-    logger.info("%s: %d images, length %d, collision rate before %.3f, semantic gap %.4f", args.scheme, len(ids),
+        io.save_npy(out / f"{scheme}.codebook.npy", sc.codebook.astype(np.float32))
+    io.write_json(out / f"{scheme}.json", stats)
+    logger.info("%s: %d images, length %d, collision rate before %.3f, semantic gap %.4f", scheme, len(ids),
                 ids.shape[1], stats["collision_rate_before"], stats["semantic_check"]["gap"])
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, list)) or v is None} | {
         "semantic_gap": stats["semantic_check"]["gap"]}

@@ -30,6 +30,7 @@ import yaml
 from avg import io
 from avg import report as R
 from avg.errors import UserError
+from avg.steps import params_as_given
 from avg import rankings as ranking_files
 
 STEP = "report"
@@ -54,10 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/tuxpaint")
 
 
-def sacred_config(args) -> dict:
-    return {"dataset_dir": str(args.dataset_dir), "evals": [str(p) for p in args.evals],
-            "identifiers": [str(p) for p in args.identifiers], "runs": str(args.runs or args.runs_dir),
-            "bench": str(args.bench) if args.bench else None, "out": str(args.out)}
+resolve_params = params_as_given
+
+
+def sacred_paths(*, dataset_dir: Path, evals: list[Path], out: Path, runs: Path, identifiers: list[Path] = (),
+                 bench: Path | None = None, params: Path | None = None) -> dict:
+    """The inputs and output (the ``--params`` file is not recorded: its content is the run's config)."""
+    return {"dataset_dir": str(dataset_dir), "evals": [str(p) for p in evals],
+            "identifiers": [str(p) for p in identifiers], "runs": str(runs),
+            "bench": str(bench) if bench else None, "out": str(out)}
 
 
 # ---------------------------------------------------------------------- reading
@@ -320,21 +326,23 @@ def training_time(r: R.MethodResult, runs: dict[str, R.RunInfo]) -> tuple[float 
 
 
 # ---------------------------------------------------------------------- run
-def collect(args, cfg: dict, run_id: str) -> R.ReportData:
+def collect(cfg: dict, run_id: str, *, dataset_dir: Path, evals: list[Path], runs: Path,
+            identifiers: list[Path] = (), bench: Path | None = None) -> R.ReportData:
+    """Everything the report shows, read from the inputs; ``runs`` is the Sacred runs folder."""
     notes: list[str] = []
     schemes: dict[str, dict] = {}
-    for path in args.identifiers:
+    for path in identifiers:
         stats = read_json_input(Path(path), "identifier stats")
         name = str(stats.get("scheme") or Path(path).name.removesuffix(".json"))
         schemes[name] = stats
     methods = []
-    for path in args.evals:
+    for path in evals:
         r = trace_method(Path(path), schemes)
         if any(m.name == r.name for m in methods):
             raise UserError(f"two evaluation jsons name the method {r.name!r} ({path}); pass each method once to --evals")
         methods.append(r)
 
-    runs_dir = Path(args.runs or args.runs_dir)
+    runs_dir = Path(runs)
     runs: dict[str, R.RunInfo] = {}
 
     def add_run(rid: str, label: str) -> None:
@@ -364,11 +372,11 @@ def collect(args, cfg: dict, run_id: str) -> R.ReportData:
         notes.append(f"{len(missing)} Sacred run(s) named by the inputs are not under {runs_dir} "
                      f"({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}): their curves and settings are absent.")
 
-    bench, bench_source = load_bench(args.bench, notes)
-    raw = Path(args.dataset_dir) / "raw"
+    bench, bench_source = load_bench(bench, notes)
+    raw = Path(dataset_dir) / "raw"
     if not raw.is_dir():
         notes.append(f"{raw} not found: example thumbnails are shown as missing.")
-    return R.ReportData(dataset=Path(args.dataset_dir).name, methods=methods, schemes=schemes, runs=runs,
+    return R.ReportData(dataset=Path(dataset_dir).name, methods=methods, schemes=schemes, runs=runs,
                         bench=bench, bench_source=bench_source, published=load_published(cfg.get("published")),
                         cfg=cfg, report_run_id=run_id, load_image=image_loader(raw) if raw.is_dir() else None,
                         notes=notes)
@@ -385,10 +393,11 @@ def write_report(out: Path, rep: R.Report) -> None:
     io.write_text(out / "comparison.html", rep.html)   # last: its presence marks a complete report
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
-    data = collect(args, cfg, run_id)
+def run(*, cfg: dict, log, run_id: str, dataset_dir: Path, evals: list[Path], out: Path, runs: Path,
+        identifiers: list[Path] = (), bench: Path | None = None) -> dict:
+    data = collect(cfg, run_id, dataset_dir=dataset_dir, evals=evals, runs=runs, identifiers=identifiers, bench=bench)
     rep = R.build(data)
-    out = Path(args.out)
+    out = Path(out)
     write_report(out, rep)
     logger.info("report for %s: %d method(s), %d scheme(s) -> %s", data.dataset, len(data.methods), len(data.schemes),
                 out / "comparison.html")

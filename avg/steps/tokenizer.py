@@ -23,6 +23,7 @@ import torch
 from avg import featurestore, io
 from avg import tokenizer as tok
 from avg.errors import UserError
+from avg.steps import params_as_given
 
 STEP = "tokenizer"
 SCHEMES = ("rq", "avg")
@@ -36,8 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/tuxpaint/tokenizer/avg")
 
 
-def sacred_config(args) -> dict:
-    return {"features": str(args.features), "scheme": args.scheme, "out": str(args.out)}
+resolve_params = params_as_given
+
+
+def sacred_paths(*, features: Path, scheme: str, out: Path, params: Path | None = None) -> dict:
+    """The inputs and output (the ``--params`` file is not recorded: its content is the run's config)."""
+    return {"features": str(features), "scheme": scheme, "out": str(out)}
 
 
 def split_arrays(feats: featurestore.Features, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -64,11 +69,11 @@ def fit_arrays(feats: featurestore.Features, fit_on: str) -> tuple[np.ndarray, n
             np.concatenate([has, np.zeros(len(extra), bool)]))
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
-    if args.scheme not in SCHEMES:
-        raise UserError(f"--scheme {args.scheme!r}: the tokenizer step trains {' or '.join(SCHEMES)} "
+def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path) -> dict:
+    if scheme not in SCHEMES:
+        raise UserError(f"--scheme {scheme!r}: the tokenizer step trains {' or '.join(SCHEMES)} "
                         "(atomic and kmeans identifiers need no tokenizer; see params/identifiers.yaml)")
-    feats = featurestore.load(args.features)
+    feats = featurestore.load(features)
     mc, tc = tok.configs_from_params(cfg, feats.image.shape[1])
     fit_on = tc.fit_on
     from avg.device import resolve_device
@@ -76,26 +81,26 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
     tc.device = str(resolve_device(tc.device))
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    if args.scheme == "rq":
+    if scheme == "rq":
         tc.align_weight = 0.0          # the only difference between the rq and avg tokenizers
     if len(feats.split("train").image) == 0:
-        raise UserError(f"{args.features} has no train-split images to train the tokenizer on")
+        raise UserError(f"{features} has no train-split images to train the tokenizer on")
     train_x, train_t, train_has = fit_arrays(feats, fit_on)
     val_x, val_t, val_has = split_arrays(feats, "val")
     logger.info("tokenizer %s: fitted on %s (%d images, %d with train captions) / %d val images, L=%d K=%d shared=%s align=%s x %.2f",
-                args.scheme, fit_on, len(train_x), int(train_has.sum()), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
-    out = Path(args.out)
+                scheme, fit_on, len(train_x), int(train_has.sum()), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
+    out = Path(out)
     io.refuse_foreign(out, ("model.pt", "meta.json", "history.csv"), "--out", "a tokenizer folder")
     state_dir = out.with_name(out.name + ".resume")
     io.refuse_foreign(state_dir, ("last.pt",), "the tokenizer's resume folder", "its resume state")
-    resume = tok.ResumeState(state_dir, _fingerprint(cfg, args.scheme, Path(args.features)))
+    resume = tok.ResumeState(state_dir, _fingerprint(cfg, scheme, Path(features)))
     result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log, resume=resume)
 
     out.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(out / "model.pt", suffix=".pt") as tmp:
         torch.save(result.model.cpu().checkpoint(), tmp)
     io.write_csv(out / "history.csv", pd.DataFrame(result.history))
-    meta = {"sacred_run_id": run_id, "scheme": args.scheme, "features_run_id": feats.meta.get("sacred_run_id"),
+    meta = {"sacred_run_id": run_id, "scheme": scheme, "features_run_id": feats.meta.get("sacred_run_id"),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "selection": result.metrics["selection"],
             "fit_on": fit_on, "n_fit_images": int(len(train_x)),
             "n_fit_images_with_captions": int(train_has.sum()), "n_val_images": int(len(val_x)),
@@ -104,7 +109,7 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "best": {k: v for k, v in result.metrics.items() if k not in ("best_epoch", "epochs_run", "selection")}}
     io.write_json(out / "meta.json", meta)
     resume.clear()   # the result is written: nothing left to resume
-    return {"scheme": args.scheme, **result.metrics}
+    return {"scheme": scheme, **result.metrics}
 
 
 def _fingerprint(cfg: dict, scheme: str, features: Path) -> str:

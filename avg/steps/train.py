@@ -66,43 +66,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--methods-json", default=None, help="the methods slice as JSON (Snakemake passes the recipe's chain)")
 
 
-def resolve_params(args, cfg: dict) -> dict:
-    """With ``--recipe``: the train slice as that recipe trains with it (:func:`avg.methods.train_config`)."""
+def resolve_params(cfg: dict, *, recipe: str | None = None, methods: Path | None = None,
+                   methods_json: str | None = None, **flags) -> tuple[dict, dict]:
+    """With ``recipe``: the train slice as that recipe trains with it (:func:`avg.methods.train_config`) and
+    the flags :func:`run` takes, ``pseudo_queries`` set by the recipe; ``methods`` / ``methods_json`` (where
+    the recipe is declared) are consumed here. Without: the slice and flags as given."""
     from avg import methods as recipes
     from avg import params
 
-    if getattr(args, "recipe", None) is None:
-        if getattr(args, "methods", None) is not None or getattr(args, "methods_json", None) is not None:
+    if recipe is None:
+        if methods is not None or methods_json is not None:
             raise UserError("--methods / --methods-json only say where --recipe is declared: pass --recipe NAME too")
-        return cfg
-    if args.methods_json is not None:
+        return cfg, {"recipe": None, **flags}
+    if methods_json is not None:
         try:
-            slice_ = params.validate("methods", json.loads(args.methods_json), "--methods-json")
+            slice_ = params.validate("methods", json.loads(methods_json), "--methods-json")
         except json.JSONDecodeError as exc:
             raise params.ParamsError(f"--methods-json is not valid JSON: {exc}") from None
     else:
-        slice_ = params.load_file(args.methods or Path("params") / "methods.yaml", "methods")
+        slice_ = params.load_file(methods or Path("params") / "methods.yaml", "methods")
     config = {"train": cfg, "methods": slice_}
     m = recipes.load(config)
-    if args.recipe not in m.recipes:
-        raise UserError(f"--recipe {args.recipe}: params/methods.yaml declares no such recipe "
+    if recipe not in m.recipes:
+        raise UserError(f"--recipe {recipe}: params/methods.yaml declares no such recipe "
                         f"(trained ones: {', '.join(n for n in m.recipes if m[n].trained)})")
-    r = m[args.recipe]
-    if r.kind != args.stage:
-        raise UserError(f"--recipe {args.recipe} is kind {r.kind!r} in params/methods.yaml, but --stage is {args.stage!r}: "
+    r = m[recipe]
+    stage = flags.get("stage", "generative")
+    if r.kind != stage:
+        raise UserError(f"--recipe {recipe} is kind {r.kind!r} in params/methods.yaml, but --stage is {stage!r}: "
                         "train it with --stage " + (r.kind if r.trained else "(none: it trains nothing)"))
-    if args.pseudo_queries and not r.pseudo_queries:
-        raise UserError(f"--pseudo-queries given, but recipe {args.recipe} trains without them "
+    if flags.get("pseudo_queries", False) and not r.pseudo_queries:
+        raise UserError(f"--pseudo-queries given, but recipe {recipe} trains without them "
                         "(params/methods.yaml: pseudo_queries); drop the flag or use a -pq recipe")
-    args.pseudo_queries = r.pseudo_queries
-    return recipes.train_config(config, r)
+    return recipes.train_config(config, r), {**flags, "recipe": recipe, "pseudo_queries": r.pseudo_queries}
 
 
-def sacred_config(args) -> dict:
-    return {"features": str(args.features), "identifiers": str(args.identifiers),
-            "codebook": str(args.codebook) if args.codebook else None, "stage": args.stage,
-            "init_from": str(args.init_from) if args.init_from else None, "out": str(args.out),
-            "use_pseudo_queries": bool(getattr(args, "pseudo_queries", False)), "recipe": getattr(args, "recipe", None)}
+def sacred_paths(*, features: Path, identifiers: Path, out: Path, codebook: Path | None = None,
+                 stage: str = "generative", init_from: Path | None = None, state_dir: Path | None = None,
+                 pseudo_queries: bool = False, recipe: str | None = None, params: Path | None = None) -> dict:
+    """The inputs, output and what was trained (``state_dir`` and the ``--params`` file are not recorded)."""
+    return {"features": str(features), "identifiers": str(identifiers),
+            "codebook": str(codebook) if codebook else None, "stage": stage,
+            "init_from": str(init_from) if init_from else None, "out": str(out),
+            "use_pseudo_queries": bool(pseudo_queries), "recipe": recipe}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -197,9 +203,9 @@ def pair_vectors(feats: featurestore.Features, split: str, captions: list[str], 
     return np.concatenate(queries).astype(np.float32), partners
 
 
-def fingerprint(cfg: dict, args, files: list[Path]) -> str:
+def fingerprint(cfg: dict, stage: str, pseudo_queries: bool, files: list[Path]) -> str:
     """Identity of a run (config, stage and input contents): resume state is only reused for the same one."""
-    h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": args.stage, "pq": bool(getattr(args, "pseudo_queries", False))},
+    h = hashlib.sha256(json.dumps({"cfg": cfg, "stage": stage, "pq": bool(pseudo_queries)},
                                   sort_keys=True, default=str).encode())
     for f in files:
         if f is not None and Path(f).is_file():
@@ -224,109 +230,104 @@ def _device(cfg: dict):
     return T.init_distributed(device)
 
 
-def run(args, cfg: dict, log, run_id: str) -> dict:
-    import torch
+def _state_dir(out: Path, state_dir: Path | None) -> Path:
+    """``--state-dir``, by default ``<out>.resume`` beside the checkpoint."""
+    out = Path(out)
+    return Path(state_dir) if state_dir else out.with_name(out.name + ".resume")
 
+
+def _codebook_file(identifiers: Path, codebook: Path | None) -> Path:
+    """``--codebook``, by default ``<identifiers>.codebook.npy`` beside the table."""
+    return Path(codebook) if codebook else Path(str(identifiers)[:-len(".tsv")] + ".codebook.npy")
+
+
+def _model(cfg: dict, feats: featurestore.Features, sizes: list[int], identifiers: Path, codebook: Path | None,
+           init_from: Path | None, device):
+    """The model to train and where its voken embeddings came from: the ``init_from`` checkpoint (checked
+    against the identifiers and ``train.model.reads``), else a new one (vokens from the scheme's codebook
+    when ``voken_init`` asks for it and there is one)."""
     from avg import model as M
-    from avg import training as T
-    from avg.decode import token_trie
-
-    if args.stage == "discriminative" and args.init_from is None:
-        raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
-    # before any work: the checkpoint replaces --out and the resume state is removed after training,
-    # so neither may be a folder of the user's
-    io.refuse_foreign(args.out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
-    io.refuse_foreign(args.state_dir or Path(args.out).with_name(Path(args.out).name + ".resume"),
-                      ("last", "best"), "--state-dir", "avg train's resume state")
-    device = _device(cfg)
-    rank, world = T.rank_and_world()
-    torch.manual_seed(cfg["seed"])
-    feats = featurestore.load(args.features)
-    table, codes, declared, id_stats = read_identifiers(args.identifiers)
-    sizes = position_sizes_of(codes, declared)
-    image_codes = dict(zip(table["image"], codes))
 
     voken_init_used = "from --init-from"
-    if args.init_from is not None:
-        vm = M.VokenModel.load(args.init_from, device=device)
+    if init_from is not None:
+        vm = M.VokenModel.load(init_from, device=device)
         if vm.spec.position_sizes != sizes:
-            raise UserError(f"{args.init_from} was trained for position_sizes {vm.spec.position_sizes}, "
-                            f"but {args.identifiers} has {sizes}: use a checkpoint of the same identifier scheme")
+            raise UserError(f"{init_from} was trained for position_sizes {vm.spec.position_sizes}, "
+                            f"but {identifiers} has {sizes}: use a checkpoint of the same identifier scheme")
         if vm.config.reads != cfg["model"]["reads"]:
-            raise UserError(f"{args.init_from} reads {vm.config.reads!r} but train.model.reads is {cfg['model']['reads']!r}: "
+            raise UserError(f"{init_from} reads {vm.config.reads!r} but train.model.reads is {cfg['model']['reads']!r}: "
                             "the discriminative stage continues the generative model; train both with the same reads")
     else:
         mcfg = params.build(M.ModelConfig, cfg["model"], "train.model",
                             query_dim=int(feats.text.shape[1]) if cfg["model"]["reads"] != "tokens" else 0)
-        codebook = None
+        codebook_array = None
         if mcfg.voken_init == "codebook":
-            cb_path = Path(args.codebook) if args.codebook else Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
+            cb_path = _codebook_file(identifiers, codebook)
             if cb_path.exists():
-                codebook = np.load(cb_path)
-            elif args.codebook is not None:
+                codebook_array = np.load(cb_path)
+            elif codebook is not None:
                 raise UserError(f"--codebook {cb_path} does not exist")
             else:
                 # schemes without code vectors (atomic) write no codebook: nothing to initialise from
                 logger.warning("no codebook beside %s: voken embeddings start random (voken_init_used: random)",
-                               args.identifiers)
+                               identifiers)
                 mcfg.voken_init = "random"
         voken_init_used = mcfg.voken_init
-        vm = M.build_model(mcfg, sizes, codebook, seed=cfg["seed"]).to(device)
+        vm = M.build_model(mcfg, sizes, codebook_array, seed=cfg["seed"]).to(device)
+    return vm, voken_init_used
 
-    pq_info = None
-    pq_table = None
-    if getattr(args, "pseudo_queries", False):
-        from avg import pseudo_queries as PQ
 
-        if "pseudo_queries" not in cfg:
-            raise UserError("--pseudo-queries needs the train.pseudo_queries slice of params/train.yaml (source, per_image, "
-                            "file, splits); it is missing from the params given")
-        pq_table = PQ.build(feats, cfg["pseudo_queries"])
-        pq_info = PQ.describe(cfg["pseudo_queries"], pq_table, feats)
-        logger.info("pseudo-queries (%s): %d for %d images %s", pq_info["source"], pq_info["n_queries"],
-                    pq_info["n_images"], pq_info["queries_per_split"])
+def _pseudo_query_table(cfg: dict, feats: featurestore.Features):
+    """The pseudo-queries to train on (:func:`avg.pseudo_queries.build`) and their description."""
+    from avg import pseudo_queries as PQ
 
-    indexing = bool(cfg["indexing"])
-    augment = params.build(T.AugmentConfig, cfg["augment"], "train.augment")
-    if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
-        raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
-                        f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
+    if "pseudo_queries" not in cfg:
+        raise UserError("--pseudo-queries needs the train.pseudo_queries slice of params/train.yaml (source, per_image, "
+                        "file, splits); it is missing from the params given")
+    pq_table = PQ.build(feats, cfg["pseudo_queries"])
+    pq_info = PQ.describe(cfg["pseudo_queries"], pq_table, feats)
+    logger.info("pseudo-queries (%s): %d for %d images %s", pq_info["source"], pq_info["n_queries"],
+                pq_info["n_images"], pq_info["queries_per_split"])
+    return pq_table, pq_info
 
-    def pairs(split: str) -> T.Pairs:
-        part = split_pairs(feats, image_codes, split)
-        if not part[0]:
-            raise UserError(f"split {split!r} has no captions: training needs train and val captions")
-        names = feats.split(split).images["image"].tolist()
-        n_indexing = 0
-        if split == "train" and pq_table is not None:
-            part = with_pseudo_queries(part, names, pq_table, image_codes)
-            have = set(names)     # the images with_pseudo_queries appended, in its order
-            names = names + [n for n in dict.fromkeys(pq_table["image"]) if n not in have]
-        if split == "train" and indexing:
-            part, names = with_indexing(part, names, feats, image_codes)
-            n_indexing = len(feats.images)
-        caps, targets, gold, corpus = part
-        queries = partners = None
-        if vm.reads_embedding:
-            queries, partners = pair_vectors(feats, split, caps, gold, names, n_indexing)
-        return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus), queries, partners)
 
-    train, val = pairs("train"), pairs("val")
-    logger.info("train: %d captions over %d images; val: %d captions over %d images; %s",
-                len(train.captions), len(train.trie), len(val.captions), len(val.trie), M.describe(vm))
-    out = Path(args.out)
-    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + ".resume")
-    cb_file = args.codebook or Path(str(args.identifiers)[:-len(".tsv")] + ".codebook.npy")
-    fp = fingerprint(cfg, args, [args.identifiers, cb_file, Path(args.features) / "captions.csv",
-                                 Path(args.init_from) / "train.json" if args.init_from else None,
-                                 Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"].get("file") else None])
-    ckpt = T.Checkpointer(state_dir, fp)
+def _pairs(split: str, vm, feats: featurestore.Features, image_codes: dict[str, np.ndarray], pq_table, indexing: bool):
+    """The training (or validation) pairs of ``split``: its captions, then (train) the pseudo-queries and
+    the corpus-indexing rows, with their targets, the split's trie and (an embedding-reading model) their
+    query vectors and mixup partners."""
+    from avg import training as T
+    from avg.decode import token_trie
+
+    part = split_pairs(feats, image_codes, split)
+    if not part[0]:
+        raise UserError(f"split {split!r} has no captions: training needs train and val captions")
+    names = feats.split(split).images["image"].tolist()
+    n_indexing = 0
+    if split == "train" and pq_table is not None:
+        part = with_pseudo_queries(part, names, pq_table, image_codes)
+        have = set(names)     # the images with_pseudo_queries appended, in its order
+        names = names + [n for n in dict.fromkeys(pq_table["image"]) if n not in have]
+    if split == "train" and indexing:
+        part, names = with_indexing(part, names, feats, image_codes)
+        n_indexing = len(feats.images)
+    caps, targets, gold, corpus = part
+    queries = partners = None
+    if vm.reads_embedding:
+        queries, partners = pair_vectors(feats, split, caps, gold, names, n_indexing)
+    return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus), queries, partners)
+
+
+def _train_stage(vm, train, val, cfg: dict, stage: str, log, ckpt, augment):
+    """Train ``stage`` (:func:`avg.training.train_generative` / ``train_discriminative``); its result and
+    the validation settings it selected the best epoch with."""
+    from avg import training as T
+
     val_cfg = params.build(T.ValConfig, cfg["validation"], "train.validation")
-    if args.stage not in cfg:
-        raise UserError(f"--stage {args.stage} needs the train.{args.stage} slice of params/train.yaml; it is missing "
+    if stage not in cfg:
+        raise UserError(f"--stage {stage} needs the train.{stage} slice of params/train.yaml; it is missing "
                         "from the params given")
-    d = {**cfg[args.stage], "precision": cfg["precision"]}
-    if args.stage == "generative":
+    d = {**cfg[stage], "precision": cfg["precision"]}
+    if stage == "generative":
         optim = params.build(T.OptimConfig, d, "train.generative")
         result = T.train_generative(vm, train, val, optim, val_cfg, log, ckpt, cfg["seed"], augment)
     else:
@@ -334,10 +335,68 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
         optim, rank_cfg = params.build_split((T.OptimConfig, T.RankConfig), {**d, "label_smoothing": None},
                                              "train.discriminative")
         result = T.train_discriminative(vm, train, val, optim, rank_cfg, val_cfg, log, ckpt, cfg["seed"], augment)
+    return result, val_cfg
 
-    meta = {**result, "sacred_run_id": run_id, "recipe": getattr(args, "recipe", None), "identifiers": str(args.identifiers),
+
+def _write_checkpoint(out: Path, vm, meta: dict, pq_table) -> None:
+    """``out``: the model's save_pretrained folder with ``train.json`` (and ``pseudo_queries.csv``), at once."""
+    with io.atomic_path(out) as tmp:
+        vm.save(tmp)
+        io.write_json(tmp / "train.json", meta)
+        if pq_table is not None:     # the exact extra training pairs, for inspection
+            io.write_csv(tmp / "pseudo_queries.csv", pq_table)
+
+
+def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: Path, codebook: Path | None = None,
+        stage: str = "generative", init_from: Path | None = None, state_dir: Path | None = None,
+        pseudo_queries: bool = False, recipe: str | None = None) -> dict:
+    import torch
+
+    from avg import model as M
+    from avg import training as T
+
+    if stage == "discriminative" and init_from is None:
+        raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
+    # before any work: the checkpoint replaces --out and the resume state is removed after training,
+    # so neither may be a folder of the user's
+    io.refuse_foreign(out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
+    io.refuse_foreign(_state_dir(out, state_dir), ("last", "best"), "--state-dir", "avg train's resume state")
+    device = _device(cfg)
+    rank, world = T.rank_and_world()
+    torch.manual_seed(cfg["seed"])
+    feats = featurestore.load(features)
+    table, codes, declared, id_stats = read_identifiers(identifiers)
+    sizes = position_sizes_of(codes, declared)
+    image_codes = dict(zip(table["image"], codes))
+    vm, voken_init_used = _model(cfg, feats, sizes, identifiers, codebook, init_from, device)
+
+    pq_info = None
+    pq_table = None
+    if pseudo_queries:
+        pq_table, pq_info = _pseudo_query_table(cfg, feats)
+
+    indexing = bool(cfg["indexing"])
+    augment = params.build(T.AugmentConfig, cfg["augment"], "train.augment")
+    if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
+        raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
+                        f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
+
+    train = _pairs("train", vm, feats, image_codes, pq_table, indexing)
+    val = _pairs("val", vm, feats, image_codes, pq_table, indexing)
+    logger.info("train: %d captions over %d images; val: %d captions over %d images; %s",
+                len(train.captions), len(train.trie), len(val.captions), len(val.trie), M.describe(vm))
+    out = Path(out)
+    state_dir = _state_dir(out, state_dir)
+    fp = fingerprint(cfg, stage, pseudo_queries, [
+        identifiers, _codebook_file(identifiers, codebook), Path(features) / "captions.csv",
+        Path(init_from) / "train.json" if init_from else None,
+        Path(cfg["pseudo_queries"]["file"]) if pq_table is not None and cfg["pseudo_queries"].get("file") else None])
+    ckpt = T.Checkpointer(state_dir, fp)
+    result, val_cfg = _train_stage(vm, train, val, cfg, stage, log, ckpt, augment)
+
+    meta = {**result, "sacred_run_id": run_id, "recipe": recipe, "identifiers": str(identifiers),
             "scheme": id_stats.get("scheme"), "identifiers_run_id": id_stats.get("sacred_run_id"),
-            "features_run_id": feats.meta.get("sacred_run_id"), "init_from": str(args.init_from) if args.init_from else None,
+            "features_run_id": feats.meta.get("sacred_run_id"), "init_from": str(init_from) if init_from else None,
             "position_sizes": sizes, "voken_init_used": voken_init_used, "n_train_captions": len(train.captions), "n_val_captions": len(val.captions),
             "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
             "validation_corpus": "val images (trie over their identifiers); val captions as queries",
@@ -345,16 +404,12 @@ def run(args, cfg: dict, log, run_id: str) -> dict:
             "indexing": {"images": int(len(feats.images)), "splits": sorted(set(feats.images["split"]))} if indexing else None,
             "augment": dataclasses.asdict(augment) if vm.reads_embedding else None}
     if rank == 0:   # the other ranks hold the same weights; one writer
-        with io.atomic_path(out) as tmp:
-            vm.save(tmp)
-            io.write_json(tmp / "train.json", meta)
-            if pq_table is not None:     # the exact extra training pairs, for inspection
-                io.write_csv(tmp / "pseudo_queries.csv", pq_table)
+        _write_checkpoint(out, vm, meta, pq_table)
         shutil.rmtree(state_dir, ignore_errors=True)
     if world > 1 and T.launched_world_size() > 1:   # the group torchrun had this step join
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    logger.info("%s: best epoch %s, val %s %.3f -> %s", args.stage, result["best_epoch"], val_cfg.select_metric,
+    logger.info("%s: best epoch %s, val %s %.3f -> %s", stage, result["best_epoch"], val_cfg.select_metric,
                 result.get(f"val_{val_cfg.select_metric}", float("nan")), out)
     return {k: v for k, v in meta.items() if isinstance(v, (int, float, str)) or v is None}
