@@ -235,6 +235,18 @@ def test_step_writes_a_self_describing_checkpoint(tmp_path, scheme):
         assert last["val.total"] == pytest.approx(unaligned + last["val.align"], rel=1e-5)
 
 
+def test_a_rerun_writes_the_same_bytes(tmp_path):
+    """Same seed and data, a second run: the checkpoint file is byte-identical (DVC hashes it), not only
+    its tensors (torch.save to a path names its zip folder after the temporary file)."""
+    from avg.steps import tokenizer as step
+
+    store = write_store(tmp_path / "features")
+    for out in ("a", "b"):
+        step.run(cfg=tiny_cfg(epochs=2), log=lambda *a: None, run_id=f"tokenizer/{out}", features=store,
+                 scheme="avg", out=tmp_path / out)
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
 def test_corpus_fit_sees_every_image_but_only_train_captions(tmp_path):
     from avg.steps import tokenizer as step
 

@@ -97,8 +97,10 @@ def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path) 
     result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log, resume=resume)
 
     out.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(out / "model.pt", suffix=".pt") as tmp:
-        torch.save(result.model.cpu().checkpoint(), tmp)
+    with io.atomic_path(out / "model.pt", suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        # through a file object: torch.save(obj, path) names its zip folder after the (random) temp file,
+        # so the same weights would hash differently on every run (and DVC would see a change)
+        torch.save(result.model.cpu().checkpoint(), fh)
     io.write_csv(out / "history.csv", pd.DataFrame(result.history))
     meta = {"sacred_run_id": run_id, "scheme": scheme, "features_run_id": feats.meta.get("sacred_run_id"),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "selection": result.metrics["selection"],
