@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avg import io
+from avg import safe_io
 
 SPLITS = ("train", "val", "test")
 
@@ -49,11 +49,11 @@ class Features:
 def save(out_dir: str | Path, feats: Features) -> None:
     out_dir = Path(out_dir)
     assert feats.image.shape[0] == len(feats.images) and feats.text.shape[0] == len(feats.captions)
-    io.save_npy(out_dir / "image.npy", feats.image.astype(np.float32))
-    io.save_npy(out_dir / "text.npy", feats.text.astype(np.float32))
-    io.write_csv(out_dir / "images.csv", feats.images[["image", "split"]])
-    io.write_csv(out_dir / "captions.csv", feats.captions[["caption_id", "image", "caption", "split", "image_index"]])
-    io.write_json(out_dir / "meta.json", feats.meta)  # written last: its presence marks a complete store
+    safe_io.save_npy(out_dir / "image.npy", feats.image.astype(np.float32))
+    safe_io.save_npy(out_dir / "text.npy", feats.text.astype(np.float32))
+    safe_io.write_csv(out_dir / "images.csv", feats.images[["image", "split"]])
+    safe_io.write_csv(out_dir / "captions.csv", feats.captions[["caption_id", "image", "caption", "split", "image_index"]])
+    safe_io.write_json(out_dir / "meta.json", feats.meta)  # written last: its presence marks a complete store
 
 
 def load_meta(in_dir: str | Path) -> dict:
@@ -61,7 +61,7 @@ def load_meta(in_dir: str | Path) -> dict:
     meta_path = Path(in_dir) / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{in_dir} holds no complete feature store (no meta.json): run the features step first")
-    return io.read_json(meta_path)
+    return safe_io.read_json(meta_path)
 
 
 def load(in_dir: str | Path) -> Features:
@@ -71,7 +71,7 @@ def load(in_dir: str | Path) -> Features:
         raise FileNotFoundError(f"{in_dir} holds no complete feature store (no meta.json): run the features step first")
     images = pd.read_csv(in_dir / "images.csv", keep_default_na=False)
     captions = pd.read_csv(in_dir / "captions.csv", keep_default_na=False)
-    return Features(np.load(in_dir / "image.npy"), images, np.load(in_dir / "text.npy"), captions, io.read_json(meta_path))
+    return Features(np.load(in_dir / "image.npy"), images, np.load(in_dir / "text.npy"), captions, safe_io.read_json(meta_path))
 
 
 def image_aliases(keys: list[str]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from avg.params import ParamsError
-from avg.tokenizer import kmeans, sq_distances
+from avg.clustering import kmeans, sq_distances
 
 PARAMS_FILE = "params/identifiers.yaml"
 SCHEMES = ("atomic", "kmeans", "rq", "avg")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avg import io
+from avg import safe_io
 from avg.errors import UserError
 
 SUFFIX = ".rankings.jsonl"
@@ -41,7 +41,7 @@ def write(path: str | Path, captions: pd.DataFrame, corpus_images: pd.Series, ra
         if scores is not None:
             row["scores"] = [round(float(s), 4) for s in scores[i][keep]]
         lines.append(json.dumps(row, ensure_ascii=False))
-    io.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    safe_io.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def read(path: str | Path) -> pd.DataFrame:

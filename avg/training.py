@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutput
 
-from avg import io
+from avg import safe_io
 from avg.device import autocast, autocast_dtype, precision_name
 from avg.decode import evaluate_retrieval, retrieve
 from avg.metrics import recall_mean
@@ -185,7 +185,7 @@ class Checkpointer:
     def load(self, vm: VokenModel, optimizer, scheduler, scaler=None) -> dict | None:
         if self.dir is None or not (self.dir / "last" / "trainer.json").exists():
             return None
-        trainer = io.read_json(self.dir / "last" / "trainer.json")
+        trainer = safe_io.read_json(self.dir / "last" / "trainer.json")
         if trainer.get("fingerprint") != self.fingerprint:
             logger.warning("resume state in %s belongs to another run (config or inputs changed): starting fresh", self.dir)
             if self.writer:
@@ -203,7 +203,7 @@ class Checkpointer:
     def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict, scaler=None) -> None:
         if self.dir is None or not self.writer:
             return
-        with io.atomic_path(self.dir / "last") as tmp:
+        with safe_io.atomic_path(self.dir / "last") as tmp:
             tmp.mkdir()
             blob = {"model": vm.model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict()}
@@ -211,14 +211,14 @@ class Checkpointer:
                 blob["scaler"] = scaler.state_dict()
             torch.save(blob, tmp / "state.pt")
             (tmp / "trainer.json").write_text(json.dumps({**trainer, "fingerprint": self.fingerprint},
-                                                         indent=2, sort_keys=True, default=io._json_default))
+                                                         indent=2, sort_keys=True, default=safe_io._json_default))
 
     def save_best(self, vm: VokenModel, info: dict) -> None:
         if self.dir is None or not self.writer:
             return
-        with io.atomic_path(self.dir / "best") as tmp:
+        with safe_io.atomic_path(self.dir / "best") as tmp:
             vm.save(tmp)
-            (tmp / "best_epoch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=io._json_default))
+            (tmp / "best_epoch.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=safe_io._json_default))
 
     def clear(self) -> None:
         if self.dir is not None and self.writer:

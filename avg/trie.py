@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from avg import io
+from avg import safe_io
 from avg.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def read_identifiers(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[i
         raise UserError(f"{path}: identifiers have different lengths {sorted(lengths)}; one scheme must have one length")
     codes = np.asarray(rows, dtype=np.int64)
     stats_path = path.with_suffix(".json")
-    stats = io.read_json(stats_path) if stats_path.exists() else {}
+    stats = safe_io.read_json(stats_path) if stats_path.exists() else {}
     sizes = stats.get("position_sizes")
     if sizes is not None and len(sizes) != codes.shape[1]:
         raise UserError(f"{stats_path}: position_sizes has {len(sizes)} entries but identifiers have length {codes.shape[1]}")

@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from avg import dense_index as DI  # noqa: E402
-from avg import io  # noqa: E402
+from avg import safe_io  # noqa: E402
 from avg.decode import TrieLogitsProcessor, beam_search, retrieve  # noqa: E402
 from avg.model import ModelConfig, build_model  # noqa: E402
 from avg.timing import time_queries  # noqa: E402
@@ -463,8 +463,8 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    io.write_json(args.out / "decoding.json", result)
-    io.write_text(args.out / "decoding.md", render_md(result))
+    safe_io.write_json(args.out / "decoding.json", result)
+    safe_io.write_text(args.out / "decoding.md", render_md(result))
     print(f"done in {result['seconds']:.0f} s -> {args.out / 'decoding.md'}")
     return 0
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from avg import io, params
+from avg import safe_io, params
 from avg.alignment import AlignmentConfig, fit_alignment
 from avg.encoders.offline import OfflineEncoder
 from avg.metrics import dense_rankings, retrieval_metrics
@@ -46,12 +46,12 @@ def main() -> None:
         rows[variant] = {"test": retrieval_metrics(ranks, gold), "val": report["val"][variant]}
     out = {"dataset": str(args.raw), "n_test_images": int(test_img.sum()), "n_test_captions": int(test_cap.sum()),
            "variants": rows}
-    io.write_json(args.out / "encoder_variants.json", out)
+    safe_io.write_json(args.out / "encoder_variants.json", out)
     lines = ["| variant | test R@1 | R@5 | R@10 | median rank | val R@1 |", "|---|---|---|---|---|---|"]
     for v, r in rows.items():
         t = r["test"]
         lines.append(f"| {v} | {t['recall@1']:.3f} | {t['recall@5']:.3f} | {t['recall@10']:.3f} | {t['median_rank']:.0f} | {r['val']['recall@1']:.3f} |")
-    io.write_text(args.out / "encoder_variants.md", "\n".join(lines) + "\n")
+    safe_io.write_text(args.out / "encoder_variants.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from avg import io, params
+from avg import safe_io, params
 
 DEFAULT_RUNS = [["avg", 0, 0], ["avg", 0, 1], ["avg", 5, 0], ["avg", 5, 1]]
 
@@ -58,7 +58,7 @@ def run_one(entry: list, base: dict, ev: dict, data: Path, work: Path) -> dict:
 
 
 def write_report(rows: list[dict], meta: dict, stem: Path) -> None:
-    io.write_json(stem.parent / f"{stem.name}.json", {**meta, "rows": rows})
+    safe_io.write_json(stem.parent / f"{stem.name}.json", {**meta, "rows": rows})
     pct = lambda d, k: f"{100 * d[k]:.1f}" if d.get(k) is not None else "—"   # noqa: E731
     lines = [f"# Generative stage sweep ({meta.get('device')})", "", meta.get("about", ""), "",
              "| run | scheme | pseudo-queries / image | seed | changed | best epoch | val R@1 | val R@5 | val R@10 | "
@@ -69,7 +69,7 @@ def write_report(rows: list[dict], meta: dict, stem: Path) -> None:
                      f"{r['best_epoch']} | {pct(r['val'], 'recall@1')} | {pct(r['val'], 'recall@5')} | "
                      f"{pct(r['val'], 'recall@10')} | {pct(r['test'], 'recall@1')} | {pct(r['test'], 'recall@5')} | "
                      f"{pct(r['test'], 'recall@10')} |")
-    io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
+    safe_io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:

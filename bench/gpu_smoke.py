@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from avg import io
+from avg import safe_io
 from avg.device import autocast, autocast_dtype, precision_name, resolve_device
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(record, indent=2))
     runs = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs[f"{name} ({record['precision']}{', tiny' if args.tiny else ''})"] = record
-    io.write_json(args.out, runs)
+    safe_io.write_json(args.out, runs)
     return record
 
 

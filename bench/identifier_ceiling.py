@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg.pseudo_queries import knn_captions
 from avg.metrics import dense_rankings, l2_normalise, retrieval_metrics
 from avg.tokenizer import kmeans as fit_kmeans
@@ -125,7 +125,7 @@ def main() -> None:
         rows[f"pseudo-queries (knn, {m} per image)"] = r
     doc = {"data": str(args.data), "split": args.split, "n_queries": int(len(queries)), "n_corpus": int(len(split_rows)),
            "rows": rows}
-    io.write_json(args.out / "identifier_ceiling.json", doc)
+    safe_io.write_json(args.out / "identifier_ceiling.json", doc)
     lines = [f"# Identifier ceiling ({args.data.name}, {args.split}: {len(queries)} captions over {len(split_rows)} images)", "",
              "Captions ranked against what each image's identifier encodes instead of the image itself (see "
              "bench/identifier_ceiling.py): roughly the best a decoder can do for images it never saw in training, "
@@ -137,7 +137,7 @@ def main() -> None:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['recall@1']} | {r['recall@5']} | {r['recall@10']} | "
                      f"{r.get('first_voken_match', '')} | {r.get('first_two_vokens_match', '')} |")
-    io.write_text(args.out / "identifier_ceiling.md", "\n".join(lines) + "\n")
+    safe_io.write_text(args.out / "identifier_ceiling.md", "\n".join(lines) + "\n")
     print(json.dumps(rows, indent=1))
 
 

@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from avg import io  # noqa: E402
+from avg import safe_io  # noqa: E402
 
 DEFAULT_RUNS = [
     {"name": "3x16 train-fit, tokens", "tokenizer": {}, "train": {}},
@@ -116,7 +116,7 @@ def train_one(job: dict) -> dict:
         TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=Path(job["features"]),
                identifiers=Path(job["identifiers"]), codebook=None, stage="generative", init_from=None, out=out,
                state_dir=None, pseudo_queries=job["pq"])
-    meta = io.read_json(out / "train.json")
+    meta = safe_io.read_json(out / "train.json")
     test = featurestore.load(job["features"]).split("test")
     vm = VokenModel.load(out)
     trie = token_trie(vm, load_corpus_identifiers(job["identifiers"], test.images["image"]), np.arange(len(test.images)))
@@ -148,7 +148,7 @@ def mean_std(xs: list[float]) -> str:
 
 
 def write_report(result: dict, stem: Path) -> None:
-    io.write_json(stem.parent / f"{stem.name}.json", result)
+    safe_io.write_json(stem.parent / f"{stem.name}.json", result)
     splits = result["splits"]
     dense = result["dense"]
     lines = [f"# Identifier shapes and training recipes over seeded splits ({result['tag']})", "",
@@ -181,7 +181,7 @@ def write_report(result: dict, stem: Path) -> None:
                      f"{vr_s} | {mean_std(t1)} | {tr_s} | {mean_std(t10)} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines += ["", "No row's ranking uses a dense score (design.md §6). Runs: " + json.dumps(result["runs"])]
-    io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
+    safe_io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:

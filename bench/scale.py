@@ -12,8 +12,8 @@ read from ``getrusage(RUSAGE_SELF).ru_maxrss`` of that process), CPU only, threa
   (params/experiments/flickr30k.yaml: K=1024 x 4 levels, shared codebook, latent 768, MLP [1024, 512],
   batch 2048) for ``--tok-epochs`` epochs (default 2) and ``--kmeans-iters`` Lloyd iterations of the
   k-means init (default 5). Time per epoch and the init's k-means++ seeding / per-iteration cost are
-  taken apart (timestamps of the step's own log calls and timers around :func:`avg.tokenizer.kmeans` /
-  :func:`avg.tokenizer.nearest`), so the paper's 5000 epochs and 100 iterations are a labelled projection.
+  taken apart (timestamps of the step's own log calls and timers around :func:`avg.clustering.kmeans` /
+  :func:`avg.clustering.nearest`), so the paper's 5000 epochs and 100 iterations are a labelled projection.
   Above ``--kmeans-init-max`` images the step runs with ``kmeans_init: false`` (the seeding alone would
   take most of an hour on one thread) and its init is extrapolated from the largest size that had it.
 * ``identifiers`` (:mod:`avg.steps.identifiers`) for the avg, kmeans (Flickr30K's 3 levels x 32 branches,
@@ -260,7 +260,9 @@ def step_tokenizer(n: int, work: Path, opts: dict) -> dict:
     cfg = tokenizer_cfg(opts, n)
     calls: list[dict] = []
     current: dict = {}
-    orig_nearest, orig_kmeans, orig_train = tok.nearest, tok.kmeans, tok.train
+    from avg import clustering
+
+    orig_nearest, orig_kmeans, orig_train = clustering.nearest, tok.kmeans, tok.train
 
     def nearest(*a, **k):
         t = time.perf_counter()
@@ -290,7 +292,7 @@ def step_tokenizer(n: int, work: Path, opts: dict) -> dict:
         box["end"] = time.perf_counter()
         return out
 
-    tok.nearest, tok.kmeans, tok.train = nearest, kmeans, train
+    clustering.nearest, tok.kmeans, tok.train = nearest, kmeans, train   # kmeans' own calls of nearest are timed
     log, marks = epoch_marks()
     t0 = time.perf_counter()
     metrics = TS.run(cfg=cfg, log=log, run_id="bench-scale", features=p["features"], scheme="avg", out=p["tokenizer"])
@@ -896,14 +898,14 @@ def environment() -> dict:
 
 
 def write_outputs(out: Path, doc: dict) -> None:
-    from avg import io
+    from avg import safe_io
 
     doc["rows"] = rows_for(doc["results"])
     doc["projections"] = projections(doc["results"], doc["paper"])
     doc["figures"] = figures(doc["results"], doc["sizes"])
     doc["findings"] = findings(doc["results"], doc["rows"])
-    io.write_json(out / "scale.json", doc)
-    io.write_text(out / "scale.md", markdown(doc))
+    safe_io.write_json(out / "scale.json", doc)
+    safe_io.write_text(out / "scale.md", markdown(doc))
 
 
 def run_step(step: str, n: int, work: Path, opts: dict, logs: Path) -> dict:

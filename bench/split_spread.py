@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from avg import io, params  # noqa: E402
+from avg import safe_io, params  # noqa: E402
 from avg import methods as recipes  # noqa: E402
 
 DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq-gen", "avg-ix-pq-gen-fu"]
@@ -134,9 +134,9 @@ def main() -> None:
 
     summary = summarise(per_seed, args.methods)
     table = markdown(summary, args.seeds, n, seconds)
-    io.write_json(args.out / "split_spread.json",
+    safe_io.write_json(args.out / "split_spread.json",
                   {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds, "summary": summary})
-    io.write_text(args.out / "split_spread.md", table)
+    safe_io.write_text(args.out / "split_spread.md", table)
     print(table)
 
 

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from avg import featurestore, io  # noqa: E402
+from avg import featurestore, safe_io  # noqa: E402
 from avg.decode import retrieve, token_trie  # noqa: E402
 from avg.model import PREFIX_FILE, VokenModel, build_model  # noqa: E402
 from helpers_configs import augment_config, model_config, params_slice  # noqa: E402
@@ -146,7 +146,7 @@ def test_train_step_with_indexing_and_mixup_then_evaluate(tmp_path):
     gen = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
                out=tmp_path / "ckpt" / "avg-gen", state_dir=None)
     step.run(cfg=cfg, log=nolog, run_id="train/1", **gen)
-    meta = io.read_json(gen["out"] / "train.json")
+    meta = safe_io.read_json(gen["out"] / "train.json")
     n_train = len(feats.split("train").captions)
     assert meta["reads"] == "both" and meta["n_train_captions"] == n_train + len(feats.images)
     assert meta["indexing"]["images"] == len(feats.images) and meta["augment"]["mixup_prob"] == 0.5

@@ -80,15 +80,15 @@ def test_train_refuses_to_replace_a_folder_that_is_not_its_own(tmp_path, capsys,
 
 
 def test_train_still_replaces_its_own_checkpoint_and_empty_folders(tmp_path):
-    from avg import io
+    from avg import safe_io
 
     own = tmp_path / "ckpt"
     own.mkdir()
     (own / "avg_vokens.json").write_text("{}")
-    io.refuse_foreign(own, ("avg_vokens.json", "train.json"), "--out", "an avg checkpoint")       # no error
+    safe_io.refuse_foreign(own, ("avg_vokens.json", "train.json"), "--out", "an avg checkpoint")       # no error
     (tmp_path / "empty").mkdir()
-    io.refuse_foreign(tmp_path / "empty", ("avg_vokens.json",), "--out", "an avg checkpoint")
-    io.refuse_foreign(tmp_path / "absent", ("avg_vokens.json",), "--out", "an avg checkpoint")
+    safe_io.refuse_foreign(tmp_path / "empty", ("avg_vokens.json",), "--out", "an avg checkpoint")
+    safe_io.refuse_foreign(tmp_path / "absent", ("avg_vokens.json",), "--out", "an avg checkpoint")
 
 
 # ---------------------------------------------------------------- stale 4: the download cache is keyed by source
@@ -194,7 +194,7 @@ def test_rankings_survive_any_file_name_and_rerank_reads_them(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from avg import featurestore, io
+    from avg import featurestore, safe_io
     from avg import rankings as ranking_files
     from avg.steps import evaluate as step
 
@@ -212,7 +212,7 @@ def test_rankings_survive_any_file_name_and_rerank_reads_them(tmp_path):
     back = ranking_files.read(ev / "gen.rankings.jsonl")
     assert back["ranked"].tolist() == [[ODD_NAMES[(i + 1) % n], ODD_NAMES[i]] for i in range(n)]
     assert back["caption"].tolist() == caps["caption"].tolist() and back["gold"].tolist() == ODD_NAMES
-    io.write_json(ev / "gen.json", {"method": "gen", "split": "test", "recall@1": 0.0, "latency_ms": 1.0,
+    safe_io.write_json(ev / "gen.json", {"method": "gen", "split": "test", "recall@1": 0.0, "latency_ms": 1.0,
                                     "latency_ms_median": 1.0, "qps": 1.0, "checkpoint": "ck", "sacred_run_id": "e/1"})
     cfg = {"split": "test", "ks": [1, 5], "depth": 100, "latency_queries": 2, "batch_size": 4, "rerank": {"depth": 2}}
     m = step.run(cfg=cfg, log=lambda *a: None, run_id="evaluate/2", features=tmp_path / "features",

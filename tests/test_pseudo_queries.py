@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg import pseudo_queries as PQ
 from avg.errors import UserError
 from avg.params import ParamsError
@@ -123,7 +123,7 @@ def test_train_step_records_and_uses_pseudo_queries(tmp_path):
     args = dict(features=features, identifiers=ids, codebook=None, stage="generative", init_from=None,
                 out=tmp_path / "ckpt" / "avg-pq-gen", state_dir=None, pseudo_queries=True)
     step.run(cfg=cfg, log=lambda *a: None, run_id="train/1", **args)
-    meta = io.read_json(args["out"] / "train.json")
+    meta = safe_io.read_json(args["out"] / "train.json")
     feats = featurestore.load(features)
     n_eval_images = int(feats.images["split"].isin(["val", "test"]).sum())
     n_train_caps = int((feats.captions["split"] == "train").sum())
@@ -135,11 +135,11 @@ def test_train_step_records_and_uses_pseudo_queries(tmp_path):
 
     disc = {**args, "stage": "discriminative", "init_from": args["out"], "out": tmp_path / "ckpt" / "avg-pq"}
     step.run(cfg=cfg, log=lambda *a: None, run_id="train/2", **disc)
-    assert io.read_json(disc["out"] / "train.json")["pseudo_queries"]["n_images"] == n_eval_images
+    assert safe_io.read_json(disc["out"] / "train.json")["pseudo_queries"]["n_images"] == n_eval_images
 
     plain = {**args, "pseudo_queries": False, "out": tmp_path / "ckpt" / "avg-gen"}
     step.run(cfg=cfg, log=lambda *a: None, run_id="train/3", **plain)
-    assert io.read_json(plain["out"] / "train.json")["pseudo_queries"] is None
+    assert safe_io.read_json(plain["out"] / "train.json")["pseudo_queries"] is None
     assert not (plain["out"] / "pseudo_queries.csv").exists()
 
 
@@ -171,7 +171,7 @@ def test_a_pq_recipe_trains_on_the_authors_json(tmp_path):
     import json
     from pathlib import Path
 
-    from avg import featurestore, io
+    from avg import featurestore, safe_io
     from avg.steps import train as step
     from test_training import nolog, step_cfg, write_synthetic
 
@@ -184,6 +184,6 @@ def test_a_pq_recipe_trains_on_the_authors_json(tmp_path):
     cfg["pseudo_queries"].update(source="file", file=str(tmp_path / "pseudo_query.json"))
     step.run(cfg=cfg, log=nolog, run_id="train/1", features=features, identifiers=ids, codebook=None,
              stage="generative", init_from=None, out=tmp_path / "avg-pq-gen", state_dir=None, pseudo_queries=True)
-    meta = io.read_json(tmp_path / "avg-pq-gen" / "train.json")
+    meta = safe_io.read_json(tmp_path / "avg-pq-gen" / "train.json")
     assert meta["pseudo_queries"]["source"] == "file" and meta["pseudo_queries"]["n_queries"] == 2 * len(held)
     assert meta["n_train_captions"] == (feats.captions["split"] == "train").sum() + 2 * len(held)

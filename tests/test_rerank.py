@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg.errors import UserError
 from avg.params import ParamsError
 from avg.rerank import rerank
@@ -43,7 +43,7 @@ def write_source(tmp_path, names, ranked: list[list[int]], split="test"):
     ev = tmp_path / "eval"
     caps = pd.DataFrame({"caption_id": range(len(names)), "caption": [f"c{i}" for i in range(len(names))], "image": names})
     ranking_files.write(ev / "gen.rankings.jsonl", caps, pd.Series(names), np.array(ranked))
-    io.write_json(ev / "gen.json", {"method": "gen", "split": split, "recall@1": 0.0, "latency_ms": 30.0,
+    safe_io.write_json(ev / "gen.json", {"method": "gen", "split": split, "recall@1": 0.0, "latency_ms": 30.0,
                                     "latency_ms_median": 29.0, "qps": 50.0, "checkpoint": "ck/gen", "sacred_run_id": "evaluate/7"})
     return ev / "gen.json"
 
@@ -71,7 +71,7 @@ def test_evaluate_step_reranks_a_generative_methods_rankings(tmp_path):
 
     table = ranking_files.read(out / "gen-rr.rankings.jsonl")
     assert table["ranked"][0][0] == "i0.png" and table["ranked"][1][3] == "i1.png"
-    assert io.read_json(out / "gen-rr.json")["source_sacred_run_id"] == "evaluate/7"
+    assert safe_io.read_json(out / "gen-rr.json")["source_sacred_run_id"] == "evaluate/7"
 
 
 def test_rerank_errors_name_the_fix(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from avg import io, search  # noqa: E402
+from avg import safe_io, search  # noqa: E402
 from avg.model import build_model  # noqa: E402
 from helpers_configs import model_config  # noqa: E402
 
@@ -30,8 +30,8 @@ def dataset(tmp_path_factory):
     table = pd.DataFrame({"image": [f"images/{i:02d}.png" for i in range(12)],
                           "split": ["train"] * 6 + ["val"] * 3 + ["test"] * 3,
                           "identifier": [" ".join(map(str, c)) for c in codes]})
-    io.write_csv(ds / "identifiers" / "avg.tsv", table, sep="\t")
-    io.write_json(ds / "identifiers" / "avg.json", {"position_sizes": [5, 5, 5]})
+    safe_io.write_csv(ds / "identifiers" / "avg.tsv", table, sep="\t")
+    safe_io.write_json(ds / "identifiers" / "avg.json", {"position_sizes": [5, 5, 5]})
     build_model(model_config(TINY), [5, 5, 5]).save(ds / "checkpoints" / "avg")
     return root, table
 
@@ -113,7 +113,7 @@ def test_bad_options_and_missing_files_exit_2(dataset, capsys, argv, message):
 def test_identifier_table_of_another_scheme_is_refused(dataset, tmp_path, capsys):
     root, table = dataset
     other = tmp_path / "other.tsv"
-    io.write_csv(other, table.assign(identifier=["1 2"] * len(table)), sep="\t")
+    safe_io.write_csv(other, table.assign(identifier=["1 2"] * len(table)), sep="\t")
     rc = search.main(parse(["a red apple", "--data-root", str(root), "--dataset", "toy", "--identifiers", str(other)]))
     assert rc == 2 and "length" in capsys.readouterr().err
 
@@ -153,7 +153,7 @@ def test_checkpoint_names_search_their_schemes_identifiers(dataset, capsys):
 
     if not (ds / "avg-ix-pq").exists():
         shutil.copytree(ds / "avg", ds / "avg-ix-pq")
-        io.write_json(ds / "avg-ix-pq" / "train.json", {"scheme": "avg", "recipe": "avg-ix-pq"})   # as avg train writes
+        safe_io.write_json(ds / "avg-ix-pq" / "train.json", {"scheme": "avg", "recipe": "avg-ix-pq"})   # as avg train writes
     assert search.main(parse(["a red boat", "--scheme", "avg-ix-pq", "--dataset", "toy", "--data-root", str(root),
                               "--json"])) == 0
     out = json.loads(capsys.readouterr().out)

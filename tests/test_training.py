@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from avg import featurestore, io  # noqa: E402
+from avg import featurestore, safe_io  # noqa: E402
 from avg.decode import token_trie  # noqa: E402
 from avg.model import VokenModel, build_model  # noqa: E402
 from helpers_configs import model_config, optim_config, params_slice, rank_config, val_config  # noqa: E402
@@ -119,7 +119,7 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
     first = tiny_model(seed=0)
     with pytest.raises(Interrupt):
         train_generative(first, pairs, pairs, optim, val, dies_in_epoch_3, Checkpointer(tmp_path / "st", "fp"), seed=0)
-    assert io.read_json(tmp_path / "st" / "last" / "trainer.json")["epoch"] == 2
+    assert safe_io.read_json(tmp_path / "st" / "last" / "trainer.json")["epoch"] == 2
 
     steps = []
     again = tiny_model(seed=99)                     # a new process: different fresh weights, same state folder
@@ -181,9 +181,9 @@ def write_synthetic(root: Path, n_images: int = 30, dim: int = 8, seed: int = 0)
     ident = root / "identifiers"
     table = pd.DataFrame({"image": [n for n, _ in images], "split": [s for _, s in images],
                           "identifier": [" ".join(map(str, c)) for c in codes]})
-    io.write_csv(ident / "avg.tsv", table, sep="\t")
-    io.write_json(ident / "avg.json", {"scheme": "avg", "position_sizes": [6, 4, 2], "sacred_run_id": "identifiers/0"})
-    io.save_npy(ident / "avg.codebook.npy", rng.standard_normal((2, 6, dim)).astype(np.float32))
+    safe_io.write_csv(ident / "avg.tsv", table, sep="\t")
+    safe_io.write_json(ident / "avg.json", {"scheme": "avg", "position_sizes": [6, 4, 2], "sacred_run_id": "identifiers/0"})
+    safe_io.save_npy(ident / "avg.codebook.npy", rng.standard_normal((2, 6, dim)).astype(np.float32))
     return root / "features", ident / "avg.tsv"
 
 
@@ -228,7 +228,7 @@ def test_train_step_generative_then_discriminative_then_evaluate(tmp_path):
     gen = step.run(cfg=cfg, log=lambda n, v, s: steps.append(s), run_id="train/2", **gen_args)   # the rerun resumes
     assert min(steps) == 2 and gen["epochs_run"] == 3
     assert not (tmp_path / "ckpt" / "avg-gen.resume").exists()
-    meta = io.read_json(gen_args["out"] / "train.json")
+    meta = safe_io.read_json(gen_args["out"] / "train.json")
     assert meta["sacred_run_id"] == "train/2" and meta["stage"] == "generative" and meta["n_val_images"] == 6
     assert (gen_args["out"] / "config.json").exists() and (gen_args["out"] / "avg_vokens.json").exists()
 
@@ -274,7 +274,7 @@ def test_scheme_without_codebook_trains_with_random_vokens(tmp_path):
     cfg = step_cfg(epochs=1)
     step.run(cfg=cfg, log=nolog, run_id="x", features=features, identifiers=ids, codebook=None, stage="generative",
              init_from=None, out=tmp_path / "o", state_dir=None)
-    assert io.read_json(tmp_path / "o" / "train.json")["voken_init_used"] == "random"
+    assert safe_io.read_json(tmp_path / "o" / "train.json")["voken_init_used"] == "random"
 
 
 # ---------------------------------------------------------------------- frozen encoder: states computed once

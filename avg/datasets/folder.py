@@ -129,7 +129,7 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None
         if (per_image > 1).any():
             raise UserError(f"{csv_path}: image {per_image[per_image > 1].index[0]!r} appears in more than one split; "
                             "an image's captions must all be in one split")
-    from avg.io import atomic_path
+    from avg.safe_io import atomic_path
 
     raw_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(raw_dir / "images") as tmp:

@@ -416,7 +416,7 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None
     # --- pass 2: read, check and write the kept images ----------------------------------------------
     from tqdm import tqdm
 
-    from avg.io import atomic_path
+    from avg.safe_io import atomic_path
 
     by_part: dict[int, list[str]] = {}
     for k in order:

@@ -361,11 +361,11 @@ def _hash_file(path: Path, chunk: int = 1 << 20) -> dict:
 
 
 def _write_hash_cache(path: Path, hashes: dict) -> None:
-    from avg import io
+    from avg import safe_io
 
     st = path.stat()
     try:
-        io.write_json(path.with_name(path.name + ".hashes.json"),
+        safe_io.write_json(path.with_name(path.name + ".hashes.json"),
                       {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **hashes})
     except OSError:  # a read-only cache is fine: we just hash again next time
         pass

@@ -27,7 +27,7 @@ import pandas as pd
 from avg.datasets import http
 from avg.datasets import table as tbl
 from avg.errors import UserError
-from avg.io import atomic_path
+from avg.safe_io import atomic_path
 
 logger = logging.getLogger(__name__)
 

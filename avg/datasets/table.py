@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from avg import io
+from avg import safe_io
 from avg.errors import UserError
 
 COLUMNS = ["image", "caption", "split"]
@@ -47,7 +47,7 @@ def write_captions(raw_dir: Path, table: pd.DataFrame) -> None:
     assert set(table["split"]) <= set(SPLITS), set(table["split"])
     bad = table.groupby("image")["split"].nunique()
     assert (bad == 1).all(), f"images in more than one split: {list(bad[bad > 1].index[:5])}"
-    io.write_csv(Path(raw_dir) / "captions.csv", table)
+    safe_io.write_csv(Path(raw_dir) / "captions.csv", table)
 
 
 def check_splits(counts: dict, source: str) -> None:

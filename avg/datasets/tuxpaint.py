@@ -17,7 +17,7 @@ The split is seeded and by image (``data.split``).
 from __future__ import annotations
 
 import hashlib
-import io as _io
+import io
 import logging
 import shutil
 import subprocess
@@ -117,7 +117,7 @@ def read_stamps(deb: Path) -> tuple[dict[str, bytes], dict[str, str], list[str]]
     captions: dict[str, str] = {}
     svgs: list[str] = []
     try:
-        with tarfile.open(fileobj=_io.BytesIO(data), mode="r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for member in tar:
                 path = member.name.removeprefix("./")
                 if not member.isfile() or not path.startswith(STAMPS_PREFIX):
@@ -152,7 +152,7 @@ def select(pngs: dict[str, bytes], captions: dict[str, str], svgs: list[str], du
             counts["skipped_empty_caption"] += 1
             continue
         try:
-            with Image.open(_io.BytesIO(pngs[stem])) as im:
+            with Image.open(io.BytesIO(pngs[stem])) as im:
                 im.verify()
         except Exception:
             counts["skipped_unreadable"] += 1
@@ -201,7 +201,7 @@ def prepare(cfg: dict, raw_dir: Path, cache_dir: Path, *, split_cfg: dict | None
     if not pairs:
         raise UserError(f"{deb} yielded no captioned PNG stamps")
     raw_dir.mkdir(parents=True, exist_ok=True)
-    from avg.io import atomic_path
+    from avg.safe_io import atomic_path
 
     with atomic_path(raw_dir / "images") as tmp:
         for stem, _ in pairs:

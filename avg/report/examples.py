@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import base64
-import io as _io
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +63,6 @@ def thumbnail_uri(image, px: int) -> str:
         im = im.convert("RGB")
     im = im.copy()
     im.thumbnail((px, px))
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,7 +1,7 @@
 """The report's figures (PNG bytes, matplotlib without pyplot) from loaded results."""
 from __future__ import annotations
 
-import io as _io
+import io
 import math
 from typing import Any, Callable
 
@@ -23,7 +23,7 @@ def _new_figure(w: float, h: float):
 
 
 def _png(fig) -> bytes:
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})  # no Software stamp: byte-stable reruns
     return buf.getvalue()
 

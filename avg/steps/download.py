@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from avg import io
+from avg import safe_io
 from avg.errors import UserError
 from avg.datasets import source_module
 from avg.steps import params_as_given, path_flags
@@ -49,6 +49,6 @@ def run(*, cfg: dict, log, run_id: str, out: Path, cache: Path = Path("cache")) 
         for what, n in counts.items():
             log(f"{split}.{what}", n, None)
     stats.update({"dataset": cfg["name"], "sacred_run_id": run_id})
-    io.write_json(out / "meta.json", stats)
+    safe_io.write_json(out / "meta.json", stats)
     logger.info("dataset %s: %s", cfg["name"], stats["splits"])
     return stats

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg import rankings as ranking_files
 from avg.errors import UserError
 from avg.metrics import retrieval_metrics
@@ -116,7 +116,7 @@ def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag
     tsv = ranking_files.path_for(source_json)
     if not source_json.is_file() or not tsv.is_file():
         raise UserError(f"{flag} {source_json}: needs the eval json and {tsv.name} beside it; evaluate that method first")
-    source = io.read_json(source_json)
+    source = safe_io.read_json(source_json)
     if source.get("split") != cfg["split"]:
         raise UserError(f"{flag} {source_json} was evaluated on split {source.get('split')!r}, but evaluate.split is "
                         f"{cfg['split']!r} (params/evaluate.yaml): evaluate it again on {cfg['split']!r} first")
@@ -250,7 +250,7 @@ def run(*, cfg: dict, log, run_id: str, features: Path, out: Path, method: str, 
     # generative max_queries evaluates the first N captions only: their rows, not the whole split's
     ranking_files.write(ranking_files.path_for(out / f"{method}.json"), feats.captions.iloc[:len(rankings)], feats.images["image"],
                    rankings, scores)
-    io.write_json(out / f"{method}.json", metrics)
+    safe_io.write_json(out / f"{method}.json", metrics)
     from avg.tracking import ARTIFACTS
 
     logger.info("%s on %s: R@1 %.3f R@5 %.3f R@10 %.3f, %.2f ms/query, %.0f QPS", method, cfg["split"],

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg import identifiers as ident
 from avg import tokenizer as tok
 from avg.errors import UserError
@@ -51,7 +51,7 @@ def load_tokenizer(folder: Path, scheme: str) -> tuple[tok.RQVAE, dict]:
     folder = Path(folder)
     if not (folder / "meta.json").exists() or not (folder / "model.pt").exists():
         raise UserError(f"{folder} holds no trained tokenizer (model.pt + meta.json): run `avg tokenizer --scheme {scheme}` first")
-    meta = io.read_json(folder / "meta.json")
+    meta = safe_io.read_json(folder / "meta.json")
     if meta.get("scheme") != scheme:
         raise UserError(f"{folder} holds the {meta.get('scheme')!r} tokenizer, not {scheme!r}: pass --tokenizer .../tokenizer/{scheme}")
     ckpt = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
@@ -102,10 +102,10 @@ def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path,
     out = Path(out)
     table = pd.DataFrame({"image": feats.images["image"], "split": feats.images["split"],
                           "identifier": ident.format_identifiers(ids)})
-    io.write_csv(out / f"{scheme}.tsv", table, sep="\t")
+    safe_io.write_csv(out / f"{scheme}.tsv", table, sep="\t")
     if sc.codebook is not None:
-        io.save_npy(out / f"{scheme}.codebook.npy", sc.codebook.astype(np.float32))
-    io.write_json(out / f"{scheme}.json", stats)
+        safe_io.save_npy(out / f"{scheme}.codebook.npy", sc.codebook.astype(np.float32))
+    safe_io.write_json(out / f"{scheme}.json", stats)
     logger.info("%s: %d images, length %d, collision rate before %.3f, semantic gap %.4f", scheme, len(ids),
                 ids.shape[1], stats["collision_rate_before"], stats["semantic_check"]["gap"])
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, list)) or v is None} | {

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from avg import io
+from avg import safe_io
 from avg import report as R
 from avg.errors import UserError
 from avg.steps import params_as_given
@@ -71,7 +71,7 @@ def read_json_input(path: Path, what: str) -> dict:
     if not path.exists():
         raise UserError(f"{what} {path} does not exist: run the step that writes it, or drop it from the report's inputs")
     try:
-        doc = io.read_json(path)
+        doc = safe_io.read_json(path)
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path} is not valid JSON ({exc}): rerun the step that writes it") from None
     if not isinstance(doc, dict):
@@ -95,7 +95,7 @@ def train_chain(checkpoint: str | None, notes: list[str]) -> list[dict]:
         if not meta_path.exists():
             notes.append(f"checkpoint metadata {meta_path} not found: training time and runs of this stage unknown")
             break
-        meta = io.read_json(meta_path)
+        meta = safe_io.read_json(meta_path)
         meta["_path"] = str(meta_path)
         chain.append(meta)
         current = meta.get("init_from")
@@ -171,7 +171,7 @@ def load_run(runs_dir: Path, run_id: str, label: str) -> R.RunInfo:
         path = folder / f"{name}.json"
         if path.exists():
             try:
-                setattr(info, name, io.read_json(path))
+                setattr(info, name, safe_io.read_json(path))
                 info.found = True
             except json.JSONDecodeError:
                 logger.warning("unreadable %s", path)
@@ -197,7 +197,7 @@ def load_bench(path: Path | None, notes: list[str]) -> tuple[list[dict] | None, 
     records = []
     for f in files:
         try:
-            found = R.bench_records(io.read_json(f))
+            found = R.bench_records(safe_io.read_json(f))
         except json.JSONDecodeError:
             found = []
         if not found:
@@ -384,13 +384,13 @@ def collect(cfg: dict, run_id: str, *, dataset_dir: Path, evals: list[Path], run
 
 def write_report(out: Path, rep: R.Report) -> None:
     for fname, png in rep.figures.items():
-        with io.atomic_path(out / fname, suffix=".png") as tmp:
+        with safe_io.atomic_path(out / fname, suffix=".png") as tmp:
             tmp.write_bytes(png)
     for rel, frame in rep.plot_tables.items():
-        io.write_csv(out / "plots" / rel, frame)
-    io.write_json(out / "metrics.json", rep.metrics)
-    io.write_text(out / "comparison.md", rep.markdown)
-    io.write_text(out / "comparison.html", rep.html)   # last: its presence marks a complete report
+        safe_io.write_csv(out / "plots" / rel, frame)
+    safe_io.write_json(out / "metrics.json", rep.metrics)
+    safe_io.write_text(out / "comparison.md", rep.markdown)
+    safe_io.write_text(out / "comparison.html", rep.html)   # last: its presence marks a complete report
 
 
 def run(*, cfg: dict, log, run_id: str, dataset_dir: Path, evals: list[Path], out: Path, runs: Path,

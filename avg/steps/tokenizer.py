@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from avg import featurestore, io
+from avg import featurestore, safe_io
 from avg import tokenizer as tok
 from avg.errors import UserError
 from avg.steps import params_as_given
@@ -90,18 +90,18 @@ def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path) 
     logger.info("tokenizer %s: fitted on %s (%d images, %d with train captions) / %d val images, L=%d K=%d shared=%s align=%s x %.2f",
                 scheme, fit_on, len(train_x), int(train_has.sum()), len(val_x), mc.levels, mc.codebook_size, mc.shared_codebook, tc.align_loss, tc.align_weight)
     out = Path(out)
-    io.refuse_foreign(out, ("model.pt", "meta.json", "history.csv"), "--out", "a tokenizer folder")
+    safe_io.refuse_foreign(out, ("model.pt", "meta.json", "history.csv"), "--out", "a tokenizer folder")
     state_dir = out.with_name(out.name + ".resume")
-    io.refuse_foreign(state_dir, ("last.pt",), "the tokenizer's resume folder", "its resume state")
+    safe_io.refuse_foreign(state_dir, ("last.pt",), "the tokenizer's resume folder", "its resume state")
     resume = tok.ResumeState(state_dir, _fingerprint(cfg, scheme, Path(features)))
     result = tok.train(mc, tc, train_x, train_t, train_has, val_x, val_t, val_has, log, resume=resume)
 
     out.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(out / "model.pt", suffix=".pt") as tmp, open(tmp, "wb") as fh:
+    with safe_io.atomic_path(out / "model.pt", suffix=".pt") as tmp, open(tmp, "wb") as fh:
         # through a file object: torch.save(obj, path) names its zip folder after the (random) temp file,
         # so the same weights would hash differently on every run (and DVC would see a change)
         torch.save(result.model.cpu().checkpoint(), fh)
-    io.write_csv(out / "history.csv", pd.DataFrame(result.history))
+    safe_io.write_csv(out / "history.csv", pd.DataFrame(result.history))
     meta = {"sacred_run_id": run_id, "scheme": scheme, "features_run_id": feats.meta.get("sacred_run_id"),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "selection": result.metrics["selection"],
             "fit_on": fit_on, "n_fit_images": int(len(train_x)),
@@ -109,7 +109,7 @@ def run(*, cfg: dict, log, run_id: str, features: Path, scheme: str, out: Path) 
             "model_config": result.model.checkpoint()["config"], "train_config": asdict(tc),
             "val_loss": [row.get("val.total") for row in result.history],
             "best": {k: v for k, v in result.metrics.items() if k not in ("best_epoch", "epochs_run", "selection")}}
-    io.write_json(out / "meta.json", meta)
+    safe_io.write_json(out / "meta.json", meta)
     resume.clear()   # the result is written: nothing left to resume
     return {"scheme": scheme, **result.metrics}
 

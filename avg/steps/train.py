@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avg import featurestore, io, params
+from avg import featurestore, safe_io, params
 from avg.errors import UserError
 from avg.trie import position_sizes_of, read_identifiers
 
@@ -340,11 +340,11 @@ def _train_stage(vm, train, val, cfg: dict, stage: str, log, ckpt, augment):
 
 def _write_checkpoint(out: Path, vm, meta: dict, pq_table) -> None:
     """``out``: the model's save_pretrained folder with ``train.json`` (and ``pseudo_queries.csv``), at once."""
-    with io.atomic_path(out) as tmp:
+    with safe_io.atomic_path(out) as tmp:
         vm.save(tmp)
-        io.write_json(tmp / "train.json", meta)
+        safe_io.write_json(tmp / "train.json", meta)
         if pq_table is not None:     # the exact extra training pairs, for inspection
-            io.write_csv(tmp / "pseudo_queries.csv", pq_table)
+            safe_io.write_csv(tmp / "pseudo_queries.csv", pq_table)
 
 
 def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: Path, codebook: Path | None = None,
@@ -359,8 +359,8 @@ def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: 
         raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
     # before any work: the checkpoint replaces --out and the resume state is removed after training,
     # so neither may be a folder of the user's
-    io.refuse_foreign(out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
-    io.refuse_foreign(_state_dir(out, state_dir), ("last", "best"), "--state-dir", "avg train's resume state")
+    safe_io.refuse_foreign(out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
+    safe_io.refuse_foreign(_state_dir(out, state_dir), ("last", "best"), "--state-dir", "avg train's resume state")
     device = _device(cfg)
     rank, world = T.rank_and_world()
     torch.manual_seed(cfg["seed"])
