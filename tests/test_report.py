@@ -50,7 +50,7 @@ def _rankings(path: Path, rows: list[tuple[str, str, str, list[str]]]) -> None:
     _write(path, "\n".join(lines) + "\n")
 
 
-def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upstream: bool = True) -> dict:
+def build_fixture(root: Path, *, pq: bool = False, with_upstream: bool = True) -> dict:
     """A dataset folder with 8 test images, 3 methods (dense, avg-gen, avg-disc), 2 schemes, runs and a bench."""
     ds = root / "data" / "toy"
     images = []
@@ -88,8 +88,6 @@ def build_fixture(root: Path, *, leak: bool = False, pq: bool = False, with_upst
            "identifiers_run_id": "identifiers/2", "features_run_id": "features/1", "init_from": None, "best_epoch": 3}
     disc = {**gen, "stage": "discriminative", "seconds": 7.25, "sacred_run_id": "train/2",
             "init_from": str(ds / "checkpoints" / "avg-gen")}
-    if leak:
-        disc["pseudo_queries"] = "test"
     if pq:      # what avg.steps.train records for a -pq checkpoint (avg.pseudo_queries.describe)
         disc["pseudo_queries"] = {"source": "knn", "per_image": 5, "file": None, "splits": ["val", "test"],
                                   "n_queries": 80, "n_images": 16, "queries_per_split": {"test": 40, "val": 40},
@@ -243,7 +241,7 @@ def test_every_number_in_the_markdown_table_matches_its_json(built):
         else:
             assert row[col["Train time (s)"]] == R.MISSING and row[col["Collisions (images)"]] == R.MISSING
         assert ev["sacred_run_id"] in row[col["Sacred runs"]]
-        assert row[col["Test captions / pseudo-queries in training"]] == "no"
+        assert row[col["Pseudo-queries in training"]] == "no"
     assert checked >= 30
 
 
@@ -353,23 +351,9 @@ def test_examples_are_a_seeded_sample_with_gold_marked(built):
     assert "gold at rank 6" in page and "gold not in its top 7" in page
 
 
-def test_leakage_flag_is_labelled_in_every_table(tmp_path, fast_figures):
-    fx = build_fixture(tmp_path, leak=True)
-    out = run_report(fx)
-    md = (out / "comparison.md").read_text()
-    header, rows = md_table(md, "Method | Identifier scheme")
-    flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
-    assert flags == {"dense": "no", "avg-disc": "YES", "avg-gen": "no"}
-    assert "Test captions used in training" in md and "pseudo_queries" in md
-    page = (out / "comparison.html").read_text()
-    html_flags = {r["method"][0]: r["leakage"][0] for r in html_table(page, "main-table")}
-    assert html_flags == {"dense": False, "avg-disc": True, "avg-gen": False}
-    assert 'class="leak"' in page
-    assert "avg-disc" + R.LEAK_MARK in md                          # the examples name it flagged too
-
-
-def test_pseudo_query_rows_are_labelled_apart_from_test_caption_leaks(tmp_path, fast_figures):
-    """A -pq checkpoint is labelled with what it trained on; the params slice every run carries is not a flag."""
+def test_pseudo_query_rows_are_labelled_in_every_table(tmp_path, fast_figures):
+    """A -pq checkpoint is labelled with what its train.json says it trained on; the params slice every run
+    carries is not a flag."""
     fx = build_fixture(tmp_path, pq=True)
     for run in ("train/1", "train/2"):          # every train run's Sacred config holds the pseudo_queries params slice
         cfg_path = fx["runs"] / run / "config.json"
@@ -380,17 +364,17 @@ def test_pseudo_query_rows_are_labelled_apart_from_test_caption_leaks(tmp_path, 
     out = run_report(fx)
     md = (out / "comparison.md").read_text()
     header, rows = md_table(md, "Method | Identifier scheme")
-    flags = {r[0].strip("*"): r[header.index("Test captions / pseudo-queries in training")] for r in rows}
+    flags = {r[0].strip("*"): r[header.index("Pseudo-queries in training")] for r in rows}
     assert flags["dense"] == "no" and flags["avg-gen"] == "no"
     assert flags["avg-disc"] == "pseudo-queries (knn, 5 per image, 80 for 16 val+test images)"
-    assert "Test captions used in training" not in md and "Trained on pseudo-queries written for the evaluated images" in md
+    assert "Trained on pseudo-queries written for the evaluated images" in md
+    assert "avg-disc/train.json" in md.split("Pseudo-queries in training (design.md")[1]   # where it was read
     assert "avg-disc" + R.PQ_MARK in md
     page = (out / "comparison.html").read_text()
     assert {r["method"][0]: r["leakage"][0] for r in html_table(page, "main-table")} == {
         "dense": False, "avg-disc": True, "avg-gen": False}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["methods"]["avg-disc"]["pseudo_queries"] is True
-    assert metrics["methods"]["avg-disc"]["uses_test_captions"] is False
     assert metrics["methods"]["avg-gen"]["pseudo_queries"] is False
 
 

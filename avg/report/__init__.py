@@ -19,10 +19,10 @@ from avg.report.figures import FIGURE_BUILDERS, FIGURES, bench_records, run_curv
 from avg.report.format import _md_code, _md_escape, as_number, finite, fmt_number, fmt_percent
 from avg.report.model import (MISSING, Cell, Column, Leakage, MethodResult, Report, ReportData, RunInfo, Table)
 from avg.report.render import build, render_html, render_markdown
-from avg.report.tables import (GROUPS, LEAK_MARK, PQ_MARK, compact_table, display_name, group_of, headline,
+from avg.report.tables import (GROUPS, PQ_MARK, compact_table, display_name, group_of, headline,
                                main_table)
 
-__all__ = ["Cell", "Column", "Example", "FIGURES", "FIGURE_BUILDERS", "GROUPS", "LEAK_MARK", "Leakage", "MISSING",
+__all__ = ["Cell", "Column", "Example", "FIGURES", "FIGURE_BUILDERS", "GROUPS", "Leakage", "MISSING",
            "MethodResult", "PQ_MARK", "Report", "ReportData", "RunInfo", "Table", "_md_code", "_md_escape",
            "as_number", "bench_records", "build", "compact_table", "display_name", "finite", "fmt_number",
            "fmt_percent", "group_of", "headline", "main_table", "pick_examples", "render_html", "render_markdown",

@@ -15,22 +15,19 @@ RECALL_KEY = re.compile(r"^recall@(\d+)$")
 # ---------------------------------------------------------------------- data model
 @dataclass
 class Leakage:
-    """Whether test captions reached training, or pseudo-queries written for the val/test images did
-    (design.md §6), and who said so."""
-    uses_test_captions: bool = False
-    source: str = "no flag in the eval/checkpoint metadata (off by default)"
+    """Whether text written for the val/test images (pseudo-queries) reached training (design.md §6), and
+    the train.json that says so. Test captions never do: only train captions become training rows."""
+    source: str = "train.json of each stage: no pseudo-queries"
     pseudo_queries: str | None = None     # what pseudo-queries were trained on, e.g. "knn, 5 per image, val+test images"
 
     @property
     def label(self) -> str:
-        if self.uses_test_captions:
-            return "YES"
         return f"pseudo-queries ({self.pseudo_queries})" if self.pseudo_queries else "no"
 
     @property
     def flagged(self) -> bool:
-        """Anything written for the evaluated images reached training: the row is not the clean headline."""
-        return self.uses_test_captions or bool(self.pseudo_queries)
+        """Text written for the evaluated images reached training: the row is not the clean headline."""
+        return bool(self.pseudo_queries)
 
 
 @dataclass

@@ -118,7 +118,6 @@ def context(data: ReportData, figures: dict[str, bytes], html: bool) -> dict:
     return {
         "dataset": data.dataset, "report_run_id": data.report_run_id or MISSING, "n_evals": len(data.methods),
         "headline": headline(data.methods),
-        "leaks": [r.name for r in data.methods if r.leakage.uses_test_captions],
         "pq_note": pseudo_query_note(data.methods),
         "warnings": comparability_warnings(data.methods) + data.notes,
         "compact": compact, "blocks": blocks, "main": main, "idents": identifier_table(data.schemes),

@@ -31,7 +31,7 @@ def main_columns(ks: list[int]) -> list[Column]:
              Column("split", "Split", text=True),
              Column("n_queries", "Queries"),
              Column("n_corpus", "Corpus images"),
-             Column("leakage", "Test captions / pseudo-queries in training", text=True),
+             Column("leakage", "Pseudo-queries in training", text=True),
              Column("runs", "Sacred runs", text=True)]
     return cols
 
@@ -143,21 +143,18 @@ def published_table(published: dict | None) -> Table | None:
     return Table(cols, rows)
 
 
-LEAK_MARK = " [test captions in training]"
 PQ_MARK = " [pseudo-queries]"
 
 
 def display_name(r: MethodResult) -> str:
-    """A method's name wherever it appears outside the main table, flagged when test captions or
-    pseudo-queries for the evaluated images reached training."""
-    if r.leakage.uses_test_captions:
-        return r.name + LEAK_MARK
+    """A method's name wherever it appears outside the main table, flagged when pseudo-queries for the
+    evaluated images reached training."""
     return r.name + (PQ_MARK if r.leakage.pseudo_queries else "")
 
 
 def pseudo_query_note(methods: list[MethodResult]) -> str | None:
     """One sentence naming the rows trained on pseudo-queries, for the top of the report."""
-    pq = [r for r in methods if r.leakage.pseudo_queries and not r.leakage.uses_test_captions]
+    pq = [r for r in methods if r.leakage.pseudo_queries]
     if not pq:
         return None
     what = "; ".join(f"{r.name}: {r.leakage.pseudo_queries}" for r in pq)
@@ -197,7 +194,6 @@ def summary_metrics(data: ReportData) -> dict:
         vals = {k: (as_number(r.metrics.get(k)) if finite(as_number(r.metrics.get(k))) else None) for k in keys}
         if r.train_seconds is not None:
             vals["train_seconds"] = r.train_seconds
-        vals["uses_test_captions"] = r.leakage.uses_test_captions
         vals["pseudo_queries"] = bool(r.leakage.pseudo_queries)
         vals["learned_from"] = r.learned_from
         vals["ranking"] = r.ranking
@@ -207,8 +203,7 @@ def summary_metrics(data: ReportData) -> dict:
 
 
 # ---------------------------------------------------------------------- the answer first
-GROUPS = ("Dense two-tower", "Generative", "Generative + pseudo-queries", "Hybrid (a dense score ranks)",
-          "Trained on test captions (not held out)")
+GROUPS = ("Dense two-tower", "Generative", "Generative + pseudo-queries", "Hybrid (a dense score ranks)")
 
 
 def is_dense(r: MethodResult) -> bool:
@@ -219,8 +214,6 @@ def is_dense(r: MethodResult) -> bool:
 
 def group_of(r: MethodResult) -> str:
     """Which block of the compact table a row belongs to: what it learned from and whether a dense score ranks it."""
-    if r.leakage.uses_test_captions:
-        return GROUPS[4]
     if is_dense(r):
         return GROUPS[0]
     if r.uses_dense_score:

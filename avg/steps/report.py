@@ -36,9 +36,6 @@ from avg import rankings as ranking_files
 STEP = "report"
 logger = logging.getLogger(__name__)
 
-# Keys that say whether test captions (pseudo-queries) reached training, most explicit first.
-LEAK_KEYS = ("uses_test_captions", "test_captions_in_training", "pseudo_queries")
-FALSE_WORDS = {"", "0", "no", "none", "off", "false", "null", "disabled"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,55 +99,15 @@ def train_chain(checkpoint: str | None, notes: list[str]) -> list[dict]:
     return chain[::-1]
 
 
-def leak_flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return value != 0
-    if isinstance(value, str):
-        return value.strip().lower() not in FALSE_WORDS
-    if isinstance(value, dict):
-        for key in ("uses_test_captions", "enabled", "use", "test"):
-            if key in value:
-                return leak_flag(value[key])
-        return bool(value)
-    return bool(value)
-
-
-def _scopes(doc: dict, depth: int = 3):
-    """The dict and its nested dicts (a params slice nests its options a few levels deep)."""
-    yield doc
-    if depth > 0:
-        for v in doc.values():
-            if isinstance(v, dict):
-                yield from _scopes(v, depth - 1)
-
-
-def find_leakage(sources: list[tuple[str, dict]]) -> R.Leakage:
-    """First source (eval json, then each training stage's train.json and Sacred config) carrying a flag.
-
-    Any stage saying yes wins: one stage trained on test captions taints the checkpoint.
-    """
-    found: R.Leakage | None = None
-    pq: tuple[str, str] | None = None
-    for where, doc in sources:
-        for scope in _scopes(doc):
-            for key in LEAK_KEYS:
-                value = scope.get(key)
-                if key == "pseudo_queries" and isinstance(value, dict):
-                    # train.json's record of the pseudo-queries a stage trained on (avg.pseudo_queries.describe);
-                    # a params slice (train.pseudo_queries: schemes, source, ...) only configures the -pq methods
-                    if "n_queries" in value and pq is None:
-                        pq = (pseudo_query_label(value), f"pseudo_queries in {where}")
-                    continue
-                if value is not None:
-                    flag = R.Leakage(leak_flag(scope[key]), f"{key}={json.dumps(scope[key], default=str)} in {where}")
-                    if flag.uses_test_captions:
-                        return flag
-                    found = found or flag
-    if pq is not None:
-        return R.Leakage(False, pq[1], pseudo_queries=pq[0])
-    return found or R.Leakage()
+def pseudo_queries_of(stages: list[dict]) -> R.Leakage:
+    """What pseudo-queries (text written for val/test images) the checkpoint's training stages learned from:
+    the ``pseudo_queries`` record the train step writes into train.json (:func:`avg.pseudo_queries.describe`).
+    Test captions never become training rows (only train captions do; tests/test_conditioning.py checks it)."""
+    for st in stages:
+        rec = st.get("pseudo_queries")
+        if isinstance(rec, dict) and "n_queries" in rec:
+            return R.Leakage(st.get("_path", "train.json"), pseudo_queries=pseudo_query_label(rec))
+    return R.Leakage()
 
 
 def pseudo_query_label(rec: dict) -> str:
@@ -360,13 +317,7 @@ def collect(cfg: dict, run_id: str, *, dataset_dir: Path, evals: list[Path], run
                 add_run(str(stats[key]), label)
     for r in methods:
         r.train_seconds, r.train_seconds_source = training_time(r, runs)
-        sources = [(r.source, r.metrics)]
-        for st in r.train_stages:
-            sources.append((st["_path"], st))
-            info = runs.get(st.get("sacred_run_id"))
-            if info is not None and info.config:
-                sources.append((f"{runs_dir / st['sacred_run_id'] / 'config.json'}", info.config))
-        r.leakage = find_leakage(sources)
+        r.leakage = pseudo_queries_of(r.train_stages)
     missing = [rid for rid, info in runs.items() if not info.found]
     if missing:
         notes.append(f"{len(missing)} Sacred run(s) named by the inputs are not under {runs_dir} "
@@ -401,8 +352,7 @@ def run(*, cfg: dict, log, run_id: str, dataset_dir: Path, evals: list[Path], ou
     write_report(out, rep)
     logger.info("report for %s: %d method(s), %d scheme(s) -> %s", data.dataset, len(data.methods), len(data.schemes),
                 out / "comparison.html")
-    result: dict = {"n_methods": len(data.methods), "n_schemes": len(data.schemes),
-                    "any_uses_test_captions": any(r.leakage.uses_test_captions for r in data.methods)}
+    result: dict = {"n_methods": len(data.methods), "n_schemes": len(data.schemes)}
     for name, vals in rep.metrics["methods"].items():
         result.update({f"{name}.{k}": v for k, v in vals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     from avg.tracking import ARTIFACTS
