@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from avg.report.format import as_number
+from avg.report.format import as_number, end_to_end
 from avg.report.model import MethodResult, ReportData, RunInfo
 from avg.report.tables import display_name, recall_ks
 
@@ -75,7 +75,7 @@ def figure_tradeoff(methods: list[MethodResult]) -> bytes:
     coloured by its group in the compact table."""
     from avg.report.tables import GROUPS, group_of
 
-    pts = [(r, as_number(r.metrics.get("recall@1")), as_number(r.metrics.get("latency_ms"))) for r in methods]
+    pts = [(r, as_number(r.metrics.get("recall@1")), as_number(end_to_end(r.metrics, "latency_ms"))) for r in methods]
     pts = [(r, a, b) for r, a, b in pts if a is not None and b is not None and math.isfinite(b) and b > 0]
     if not pts:
         return _placeholder("R@1 against latency", "no Recall@1 with a latency in the evaluation jsons")

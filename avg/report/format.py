@@ -24,6 +24,20 @@ def as_number(value: Any) -> float | None:
     return None
 
 
+END_TO_END = {"latency_ms": "latency_ms_end_to_end", "latency_ms_median": "latency_ms_end_to_end_median",
+              "latency_ms_p95": "latency_ms_end_to_end_p95", "qps": "qps_end_to_end"}
+
+
+def end_to_end(metrics: dict, key: str) -> Any:
+    """A timing as a user meets it: a caption in, a ranking out (design.md §6 compares like with like).
+
+    The dense eval keeps its search-only figures under the plain keys and the end-to-end ones (the caption
+    embedded by the features step's text encoder, then the search) under ``*_end_to_end``; a generative
+    method's plain figures are end to end already (the caption is what it decodes from)."""
+    value = metrics.get(END_TO_END[key])
+    return value if value is not None else metrics.get(key)
+
+
 def fmt_number(value: Any) -> str:
     """Rounded for people, never in scientific notation, no thousands separators (tables get parsed)."""
     v = as_number(value)
