@@ -287,7 +287,7 @@ def headline(methods: list[MethodResult]) -> str | None:
     n = dense or gen
     parts = []
     if gen is not None:
-        parts.append(f"The best generative method, {gen.name} (learned from {gen.learned_from}), finds the gold image "
+        parts.append(f"The best generative method, {gen.name}, learned from {gen.learned_from}; it finds the gold image "
                      f"first for {_pct(gen)}% of {fmt_number(n.metrics.get('n_queries'))} test captions{speed(gen)}"
                      + (f", against {_pct(dense)}% for the dense two-tower baseline{speed(dense)}{ratio(gen)}."
                         if dense is not None else "."))
