@@ -15,6 +15,9 @@ REPORT_FIGURES = ("tradeoff.png", "recall_at_k.png", "training_curves.png", "cod
                   "efficiency.png")
 REPORT_FILES = ("comparison.md", "comparison.html", *REPORT_FIGURES, "plots/recall_at_k.csv",
                 "plots/utilisation.csv")
+# The benchmark the report's efficiency figure reads (bench/bench_decoding.py writes it, git tracks it): an
+# input of the report in both front doors, so a new benchmark run redraws the figure
+REPORT_BENCH = "reports/bench/decoding.json"
 
 
 def needs_tokenizer(scheme: str) -> bool:

@@ -135,8 +135,8 @@ def report_stage(methods: list[str], schemes: list[str]) -> dict:
     evals = [f"{D}/eval/{m}.json" for m in methods]
     idents = [f"{D}/identifiers/{s}.json" for s in schemes]
     cmd = (f"avg report --params params/report.yaml --dataset-dir {D} --evals {' '.join(evals)} "
-           f"--identifiers {' '.join(idents)} --runs runs --bench reports/bench/decoding.json --out {R}")
-    deps = [*evals, *[f"{D}/eval/{m}.rankings.jsonl" for m in methods], *idents, f"{D}/raw",
+           f"--identifiers {' '.join(idents)} --runs runs --bench {dag.REPORT_BENCH} --out {R}")
+    deps = [*evals, *[f"{D}/eval/{m}.rankings.jsonl" for m in methods], *idents, f"{D}/raw", dag.REPORT_BENCH,
             "avg/report", "avg/steps/report.py", "avg/resources/report.css", "avg/resources/published.yaml"]
     outs = [{f"{R}/{name}": {"cache": False}} for name in REPORT_FILES]
     return {"cmd": cmd, "deps": deps, "params": _params("report"), "outs": outs,

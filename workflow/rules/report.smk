@@ -8,6 +8,7 @@ rule report:
         rankings=expand(f"{DATA}/eval/{{method}}.rankings.jsonl", method=METHODS),
         identifiers=expand(f"{DATA}/identifiers/{{scheme}}.json", scheme=SCHEMES),
         raw=f"{DATA}/raw",
+        bench=dag.REPORT_BENCH,
     output:
         md=f"{REPORT}/comparison.md",
         html=report(f"{REPORT}/comparison.html", caption="../report/comparison.rst", category="Comparison"),
@@ -31,4 +32,4 @@ rule report:
         runtime=10,
     shell:
         "avg report --params-json {params.cfg:q} --dataset-dir {params.dataset_dir} --evals {input.evals} "
-        "--identifiers {input.identifiers} --runs runs --bench reports/bench/decoding.json --out {params.outdir} 2>&1 | tee {log}"
+        "--identifiers {input.identifiers} --runs runs --bench {input.bench} --out {params.outdir} 2>&1 | tee {log}"
