@@ -368,14 +368,9 @@ def verdicts(row: dict) -> list[str]:
 
 # ---------------------------------------------------------------------- main
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_name
+
+    cpu = cpu_name()
     import faiss
     import transformers
 
