@@ -259,7 +259,7 @@ def build(cls, values: Mapping[str, Any], where: str, **given):
     The dataclasses declare no defaults: ``params/<step>.yaml`` (with its comments) and its schema are the
     only places a value or a rule lives, so a key here that is no field, or a field without a value, is a
     :class:`ParamsError` naming the dotted key (``where`` is the slice's dotted path, e.g. ``train.model``).
-    A nested dataclass field is built from its sub-mapping; a list becomes a tuple where the field is one.
+    A list becomes a tuple where the field is one.
     """
     names = [f.name for f in dataclasses.fields(cls)]
     values = {**values, **given}
@@ -274,22 +274,19 @@ def build(cls, values: Mapping[str, Any], where: str, **given):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name in names:
-        value, hint = values[name], hints.get(name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = build(hint, value, f"{where}.{name}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+        value = values[name]
+        kwargs[name] = tuple(value) if typing.get_origin(hints.get(name)) is tuple and isinstance(value, list) else value
     return cls(**kwargs)
 
 
 def build_split(classes: Sequence[type], values: Mapping[str, Any], where: str) -> tuple:
     """One params slice read by several config dataclasses (``train.discriminative``: the optimiser's keys and
     the ranking loss's): each gets its own fields; a key no class has is an error, as in :func:`build`."""
-    owned = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    fields_of = [{f.name for f in dataclasses.fields(cls)} for cls in classes]
+    owned = set().union(*fields_of)
     stray = sorted(set(values) - owned)
     if stray:
         raise ParamsError(f"{where}: {', '.join(stray)} is not a setting here (known: {', '.join(sorted(owned))}); "
                           f"params/{where.split('.')[0]}.yaml lists every key")
-    return tuple(build(cls, {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}, where)
-                 for cls in classes)
+    return tuple(build(cls, {k: v for k, v in values.items() if k in names}, where)
+                 for cls, names in zip(classes, fields_of))

@@ -8,14 +8,15 @@ Writes reports/bench/encoder_variants.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from avg import safe_io, params
-from avg.alignment import AlignmentConfig, fit_alignment
+from avg.alignment import fit_alignment
 from avg.encoders.offline import OfflineEncoder
 from avg.metrics import dense_rankings, retrieval_metrics
-from avg.steps.features import corpus_tables
+from avg.steps.features import corpus_tables, offline_settings
 
 
 def main() -> None:
@@ -25,9 +26,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = ap.parse_args()
     cfg = params.load_file(args.params, "features")
-    off = dict(cfg["offline"])
-    enc = OfflineEncoder(bridge_temperature=off.pop("bridge_temperature"), prompt=off.pop("prompt"),
-                         image_fit=off.pop("image_fit"))
+    encoder, alignment = offline_settings(cfg["offline"])
+    enc = OfflineEncoder(**encoder)
     images, captions = corpus_tables(args.raw)
     logits = enc.image_logits([args.raw / p for p in images["image"]], batch_size=cfg["batch_size"])
     text = enc.encode_texts(list(captions["caption"]), batch_size=cfg["text_batch_size"])
@@ -40,8 +40,7 @@ def main() -> None:
     for variant in ("bridge", "projection", "concat"):
         img, txt, report = fit_alignment(logits, bridge, text, captions["image_index"].to_numpy(),
                                          images["split"].to_numpy(), captions["split"].to_numpy(),
-                                         params.build(AlignmentConfig, {**off, "variant": variant}, "features.offline"),
-                                         lambda *a: None)
+                                         dataclasses.replace(alignment, variant=variant), lambda *a: None)
         ranks = dense_rankings(txt[test_cap], img[test_img], depth=int(test_img.sum()))
         rows[variant] = {"test": retrieval_metrics(ranks, gold), "val": report["val"][variant]}
     out = {"dataset": str(args.raw), "n_test_images": int(test_img.sum()), "n_test_captions": int(test_cap.sum()),

@@ -52,7 +52,7 @@ def table(summary: dict, order: list[str] | None = None) -> str:
         lines.append(" | ".join([
             f"| `{name}`", m.get("learned_from", "—"), m.get("ranking", "—"), _pct(m.get("recall@1")), ratio,
             _pct(m.get("recall@5")), _pct(m.get("recall@10")), "inf" if median is None else _num(median, 0),
-            _num(m.get("latency_ms_median_end_to_end")), _num(m.get("latency_ms_p95_end_to_end")),
+            _num(m.get("latency_ms_end_to_end_median")), _num(m.get("latency_ms_end_to_end_p95")),
             _num(m.get("qps_end_to_end"), 0),
             _num(m.get("train_seconds"), 0)]) + " |")
     run = summary.get("sacred_run_id")

@@ -21,29 +21,19 @@ def model_config(*bases: dict, **over):
 
 
 def optim_config(stage: str = "generative", **over):
-    from avg.training import OptimConfig
+    """The stage's OptimConfig as the train step builds it (:func:`avg.steps.train.stage_configs`)."""
+    from avg.steps.train import stage_configs
 
     train = params_slice("train")
-    values = {**train[stage], "precision": train["precision"], **over}
-    if stage == "discriminative":
-        values = {k: v for k, v in values.items() if k not in rank_keys()}
-        values.setdefault("label_smoothing", None)
-    return params.build(OptimConfig, values, f"train.{stage}")
-
-
-def rank_keys() -> set[str]:
-    import dataclasses
-
-    from avg.training import RankConfig
-
-    return {f.name for f in dataclasses.fields(RankConfig)}
+    precision = over.pop("precision", train["precision"])
+    return stage_configs({**train, "precision": precision, stage: {**train[stage], **over}}, stage)[0]
 
 
 def rank_config(**over):
-    from avg.training import RankConfig
+    from avg.steps.train import stage_configs
 
-    disc = params_slice("train")["discriminative"]
-    return params.build(RankConfig, {**{k: disc[k] for k in rank_keys()}, **over}, "train.discriminative")
+    train = params_slice("train")
+    return stage_configs({**train, "discriminative": {**train["discriminative"], **over}}, "discriminative")[1]
 
 
 def val_config(**over):

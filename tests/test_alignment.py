@@ -1,12 +1,15 @@
 """LiT-style alignment on synthetic data where captions are a noisy linear image of the logits."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from avg import params
 from avg.alignment import AlignmentConfig, fit_alignment
+from avg.steps.features import offline_settings
 from helpers_configs import params_slice
 
 N_IMG, N_CLS, DIM, CAPS_PER_IMAGE = 240, 40, 24, 2
@@ -33,9 +36,8 @@ def data():
 
 
 def fit(data, log=None, **cfg):
-    offline = {k: v for k, v in params_slice("features")["offline"].items()
-               if k not in ("bridge_temperature", "prompt", "image_fit")}
-    config = params.build(AlignmentConfig, {**offline, **FAST, **cfg}, "features.offline")
+    shipped = dataclasses.asdict(offline_settings(params_slice("features")["offline"])[1])
+    config = params.build(AlignmentConfig, {**shipped, **FAST, **cfg}, "features.offline")
     return fit_alignment(**data, cfg=config, log=log or (lambda *a: None))
 
 

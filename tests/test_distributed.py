@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from avg.decode import token_trie  # noqa: E402
 from avg.model import VokenModel, build_model  # noqa: E402
 from helpers_configs import model_config, optim_config, rank_config, val_config  # noqa: E402
-from avg.training import Checkpointer, Pairs, train_discriminative, train_generative  # noqa: E402
+from avg.training import Checkpointer, OptimConfig, Pairs, train_discriminative, train_generative  # noqa: E402
 
 # Tiny and with every dropout off (decoder AND the random encoder), so runs are deterministic and
 # equality is a matter of arithmetic, not of random masks.

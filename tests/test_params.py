@@ -107,23 +107,20 @@ def test_config_objects_come_from_the_params_files_alone():
     import dataclasses
 
     from avg import alignment, model, tokenizer, training
+    from avg.steps.features import offline_settings
+    from avg.steps.train import stage_configs
 
     from helpers_configs import params_slice
 
     train, features = params_slice("train"), params_slice("features")
     built = {
         model.ModelConfig: params.build(model.ModelConfig, train["model"], "train.model", query_dim=0),
-        training.OptimConfig: params.build(training.OptimConfig, {**train["generative"], "precision": train["precision"]},
-                                           "train.generative"),
+        training.OptimConfig: stage_configs(train, "generative")[0],
         training.ValConfig: params.build(training.ValConfig, train["validation"], "train.validation"),
         training.AugmentConfig: params.build(training.AugmentConfig, train["augment"], "train.augment"),
-        alignment.AlignmentConfig: params.build(
-            alignment.AlignmentConfig, {k: v for k, v in features["offline"].items()
-                                        if k not in ("bridge_temperature", "prompt", "image_fit")}, "features.offline"),
+        alignment.AlignmentConfig: offline_settings(features["offline"])[1],
     }
-    optim, rank = params.build_split((training.OptimConfig, training.RankConfig),
-                                     {**train["discriminative"], "precision": train["precision"], "label_smoothing": None},
-                                     "train.discriminative")
+    optim, rank = stage_configs(train, "discriminative")
     mc, tc = tokenizer.configs_from_params(params_slice("tokenizer"), 12)
     built.update({training.RankConfig: rank, tokenizer.ModelConfig: mc, tokenizer.TrainConfig: tc})
     for cls, obj in built.items():

@@ -30,12 +30,12 @@ def test_table_rows_carry_provenance_and_the_ratio_to_dense():
 
     summary = {"dataset": "toy", "sacred_run_id": "report/3", "methods": {
         "dense": {"recall@1": 0.5, "recall@5": 0.8, "recall@10": 0.9, "median_rank": 1.0, "latency_ms_median": 0.02,
-                  "latency_ms_p95": 0.03, "qps": 250000.0, "latency_ms_median_end_to_end": 6.5,
-                  "latency_ms_p95_end_to_end": 9.25, "qps_end_to_end": 231.0, "learned_from": "train captions (features step)",
+                  "latency_ms_p95": 0.03, "qps": 250000.0, "latency_ms_end_to_end_median": 6.5,
+                  "latency_ms_end_to_end_p95": 9.25, "qps_end_to_end": 231.0, "learned_from": "train captions (features step)",
                   "ranking": "dense score"},
         "avg-ix-gen": {"recall@1": 0.25, "recall@5": 0.5, "recall@10": 0.7, "median_rank": None, "latency_ms_median": 30.0,
-                       "latency_ms_p95": 35.5, "qps": 90.2, "latency_ms_median_end_to_end": 30.0,
-                       "latency_ms_p95_end_to_end": 35.5, "qps_end_to_end": 90.2, "train_seconds": 83.4,
+                       "latency_ms_p95": 35.5, "qps": 90.2, "latency_ms_end_to_end_median": 30.0,
+                       "latency_ms_end_to_end_p95": 35.5, "qps_end_to_end": 90.2, "train_seconds": 83.4,
                        "learned_from": "train captions + corpus images (indexing)",
                        "ranking": "generative (no dense score); reads caption + query embedding"}}}
     text = readme_results.render("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb\n", summary)

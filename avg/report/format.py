@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from avg.report.model import MISSING
+from avg.timing import END_TO_END
 
 
 def finite(value: Any) -> bool:
@@ -22,10 +23,6 @@ def as_number(value: Any) -> float | None:
     if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
         return math.inf
     return None
-
-
-END_TO_END = {"latency_ms": "latency_ms_end_to_end", "latency_ms_median": "latency_ms_end_to_end_median",
-              "latency_ms_p95": "latency_ms_end_to_end_p95", "qps": "qps_end_to_end"}
 
 
 def end_to_end(metrics: dict, key: str) -> Any:

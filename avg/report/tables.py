@@ -10,6 +10,7 @@ import pandas as pd
 
 from avg.report.format import as_number, end_to_end, finite, fmt_levels, fmt_number, fmt_percent
 from avg.report.model import MISSING, RECALL_KEY, Cell, Column, MethodResult, ReportData, Table
+from avg.timing import END_TO_END
 
 
 def recall_ks(methods: Iterable[MethodResult]) -> list[int]:
@@ -194,9 +195,9 @@ def summary_metrics(data: ReportData) -> dict:
         vals = {k: (as_number(r.metrics.get(k)) if finite(as_number(r.metrics.get(k))) else None) for k in keys}
         if r.train_seconds is not None:
             vals["train_seconds"] = r.train_seconds
-        for key in ("latency_ms", "latency_ms_median", "latency_ms_p95", "qps"):
+        for key, e2e in END_TO_END.items():      # named as in the eval json (avg.timing.END_TO_END)
             v = as_number(end_to_end(r.metrics, key))
-            vals[f"{key}_end_to_end"] = v if finite(v) else None
+            vals[e2e] = v if finite(v) else None
         vals["pseudo_queries"] = bool(r.leakage.pseudo_queries)
         vals["learned_from"] = r.learned_from
         vals["ranking"] = r.ranking

@@ -41,7 +41,7 @@ def run(*, cfg: dict, log, run_id: str, out: Path, cache: Path = Path("cache")) 
     # captions.csv is rewritten last by every source, and meta.json after it: a run killed midway
     # leaves no meta.json, so the output never looks complete.
     (out / "meta.json").unlink(missing_ok=True)
-    stats = mod.prepare(sub, out, Path(cache), split_cfg=cfg.get("split"), log=log)
+    stats = mod.prepare(sub, out, Path(cache), split_cfg=cfg["split"], log=log)
     from avg.datasets.table import check_splits
 
     check_splits(stats["splits"], cfg["source"])   # before meta.json: a dataset without one split never looks complete

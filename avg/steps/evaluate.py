@@ -28,7 +28,7 @@ from avg import rankings as ranking_files
 from avg.errors import UserError
 from avg.metrics import retrieval_metrics
 from avg.steps import params_as_given, path_flags
-from avg.timing import time_queries
+from avg.timing import END_TO_END, time_queries
 
 STEP = "evaluate"
 logger = logging.getLogger(__name__)
@@ -59,13 +59,10 @@ def end_to_end_timing(feats: featurestore.Features, search: Callable[[np.ndarray
         encode = query_encoder(feats.meta)
     except (UserError, OSError) as exc:
         logger.warning("no end-to-end dense latency: %s", exc)
-        return {"latency_ms_end_to_end_median": None, "latency_ms_end_to_end_p95": None, "qps_end_to_end": None,
-                "end_to_end_note": f"query encoder unavailable: {exc}"}
+        return {**{key: None for key in END_TO_END.values()}, "end_to_end_note": f"query encoder unavailable: {exc}"}
     t = time_queries(lambda rows: search(encode([captions[i] for i in rows])), np.arange(len(captions)),
                      len(captions), cfg["batch_size"])
-    return {"latency_ms_end_to_end_median": t["latency_ms_median"], "latency_ms_end_to_end_p95": t["latency_ms_p95"],
-            "latency_ms_end_to_end": t["latency_ms"], "qps_end_to_end": t["qps"],
-            "end_to_end_queries": t["latency_queries_timed"],
+    return {**{e2e: t[key] for key, e2e in END_TO_END.items()}, "end_to_end_queries": t["latency_queries_timed"],
             "end_to_end_note": "text encoding of the caption (the features step's encoder, CPU) + search; "
                                "latency_ms / latency_ms_median / qps are search only"}
 

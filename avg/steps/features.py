@@ -44,20 +44,33 @@ def corpus_tables(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return images, captions
 
 
-def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
+# features.offline keys of the offline encoder itself; the others configure its alignment (avg.alignment)
+OFFLINE_ENCODER_KEYS = ("bridge_temperature", "prompt", "image_fit")
+
+
+def offline_settings(offline: dict):
+    """``features.offline`` split into the :class:`~avg.encoders.offline.OfflineEncoder`'s keyword arguments
+    and the alignment's :class:`~avg.alignment.AlignmentConfig`."""
     from avg import params
-    from avg.alignment import AlignmentConfig, fit_alignment
+    from avg.alignment import AlignmentConfig
+
+    encoder = {k: offline[k] for k in OFFLINE_ENCODER_KEYS}
+    rest = {k: v for k, v in offline.items() if k not in OFFLINE_ENCODER_KEYS}
+    return encoder, params.build(AlignmentConfig, rest, "features.offline")
+
+
+def encode_offline(cfg: dict, raw_dir: Path, images: pd.DataFrame, captions: pd.DataFrame, log) -> tuple[np.ndarray, np.ndarray, dict]:
+    from avg.alignment import fit_alignment
     from avg.encoders.offline import OfflineEncoder
 
-    off = dict(cfg["offline"])
-    enc = OfflineEncoder(device=str(_device(cfg)), bridge_temperature=off.pop("bridge_temperature"),
-                         prompt=off.pop("prompt"), image_fit=off.pop("image_fit"))
+    encoder, alignment = offline_settings(cfg["offline"])
+    enc = OfflineEncoder(device=str(_device(cfg)), **encoder)
     logits = enc.image_logits([raw_dir / p for p in images["image"]], batch_size=cfg["batch_size"])
     text = enc.encode_texts(list(captions["caption"]), batch_size=cfg["text_batch_size"])
     bridge = enc.bridge(logits)
     image_emb, text_emb, report = fit_alignment(
         logits, bridge, text, captions["image_index"].to_numpy(), images["split"].to_numpy(),
-        captions["split"].to_numpy(), params.build(AlignmentConfig, off, "features.offline"), log)
+        captions["split"].to_numpy(), alignment, log)
     return image_emb, text_emb, {"alignment": report}
 
 

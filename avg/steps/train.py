@@ -72,7 +72,6 @@ def resolve_params(cfg: dict, *, recipe: str | None = None, methods: Path | None
     the flags :func:`run` takes, ``pseudo_queries`` set by the recipe; ``methods`` / ``methods_json`` (where
     the recipe is declared) are consumed here. Without: the slice and flags as given."""
     from avg import methods as recipes
-    from avg import params
 
     if recipe is None:
         if methods is not None or methods_json is not None:
@@ -317,23 +316,31 @@ def _pairs(split: str, vm, feats: featurestore.Features, image_codes: dict[str, 
     return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus), queries, partners)
 
 
+def stage_configs(cfg: dict, stage: str) -> tuple:
+    """``(OptimConfig, RankConfig or None)`` of ``stage`` from the train slice: ``train.<stage>`` plus
+    ``train.precision``; the discriminative slice also holds the ranking loss's keys."""
+    from avg import training as T
+
+    if stage not in cfg:
+        raise UserError(f"--stage {stage} needs the train.{stage} slice of params/train.yaml; it is missing "
+                        "from the params given")
+    d = {**cfg[stage], "precision": cfg["precision"]}
+    if stage == "generative":
+        return params.build(T.OptimConfig, d, "train.generative"), None
+    # label smoothing is a term of the generative cross-entropy only; the ranking stage has no such key
+    return params.build_split((T.OptimConfig, T.RankConfig), {**d, "label_smoothing": None}, "train.discriminative")
+
+
 def _train_stage(vm, train, val, cfg: dict, stage: str, log, ckpt, augment):
     """Train ``stage`` (:func:`avg.training.train_generative` / ``train_discriminative``); its result and
     the validation settings it selected the best epoch with."""
     from avg import training as T
 
     val_cfg = params.build(T.ValConfig, cfg["validation"], "train.validation")
-    if stage not in cfg:
-        raise UserError(f"--stage {stage} needs the train.{stage} slice of params/train.yaml; it is missing "
-                        "from the params given")
-    d = {**cfg[stage], "precision": cfg["precision"]}
+    optim, rank_cfg = stage_configs(cfg, stage)
     if stage == "generative":
-        optim = params.build(T.OptimConfig, d, "train.generative")
         result = T.train_generative(vm, train, val, optim, val_cfg, log, ckpt, cfg["seed"], augment)
     else:
-        # label smoothing is a term of the generative cross-entropy only; the ranking stage has no such key
-        optim, rank_cfg = params.build_split((T.OptimConfig, T.RankConfig), {**d, "label_smoothing": None},
-                                             "train.discriminative")
         result = T.train_discriminative(vm, train, val, optim, rank_cfg, val_cfg, log, ckpt, cfg["seed"], augment)
     return result, val_cfg
 
