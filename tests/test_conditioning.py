@@ -132,6 +132,15 @@ def test_pair_vectors_index_every_corpus_image_without_captions(tmp_path):
     np.testing.assert_array_equal(q[n_text:], feats.image[[row[grown_names[g]] for g in gold[n_text:]]])
     assert np.isnan(partners[n_text:]).all() and not np.isnan(partners[:n_text]).any()
     np.testing.assert_array_equal(partners[:n_text], feats.image[[row[grown_names[g]] for g in gold[:n_text]]])
+    # moved by the modality gap: the captions' rows stay, each image row shifts by the train offset
+    gap = step.modality_gap(feats)
+    train = feats.split("train")
+    np.testing.assert_allclose(gap, (train.text - train.image[train.captions["image_index"].to_numpy()]).mean(0), atol=1e-6)
+    q_gap, _ = step.pair_vectors(feats, "train", caps, gold, grown_names, n_img, gap)
+    np.testing.assert_array_equal(q_gap[:n_text], q[:n_text])
+    moved = q[n_text:] + gap
+    np.testing.assert_allclose(q_gap[n_text:], moved / np.linalg.norm(moved, axis=1, keepdims=True), atol=1e-6)
+    assert not np.allclose(q_gap[n_text:], q[n_text:])
 
 
 def test_train_step_with_indexing_and_mixup_then_evaluate(tmp_path):
@@ -176,12 +185,18 @@ def test_indexing_or_mixup_without_an_embedding_reading_model_is_refused(tmp_pat
         cfg = {**step_cfg(epochs=1), **change}
         with pytest.raises(UserError, match="train.model.reads"):
             step.run(cfg=cfg, log=nolog, run_id="x", **args)
+    cfg = step_cfg(epochs=1)
+    cfg["model"].update(reads="both")
+    with pytest.raises(UserError, match="train.indexing_gap"):
+        step.run(cfg={**cfg, "indexing_gap": True}, log=nolog, run_id="x", **args)
     assert not (tmp_path / "o").exists()
 
 
-def test_training_rows_never_hold_a_val_or_test_caption(tmp_path, monkeypatch):
-    """Poison every val/test caption (text and embedding): the training rows of a recipe with indexing,
-    mixup and knn pseudo-queries must not contain any of it. Validation may read val captions; training may not."""
+@pytest.mark.parametrize("gap", [False, True])
+def test_training_rows_never_hold_a_val_or_test_caption(tmp_path, monkeypatch, gap):
+    """Poison every val/test caption (text and embedding): the training rows of a recipe with indexing
+    (moved by the modality gap or not), mixup and knn pseudo-queries must not contain any of it (a gap
+    averaged over a poisoned embedding would be NaN). Validation may read val captions; training may not."""
     from avg import training as T
     from avg.steps import train as step
 
@@ -199,7 +214,7 @@ def test_training_rows_never_hold_a_val_or_test_caption(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train_generative", capture)
     cfg = step_cfg(epochs=1)
     cfg["model"].update(reads="both")
-    cfg.update(indexing=True, augment={"mixup_prob": 1.0, "mixup_max_weight": 0.5, "noise": 0.0})
+    cfg.update(indexing=True, indexing_gap=gap, augment={"mixup_prob": 1.0, "mixup_max_weight": 0.5, "noise": 0.0})
     with pytest.raises(KeyboardInterrupt):
         step.run(cfg=cfg, log=nolog, run_id="x", features=features, identifiers=ids, codebook=None, stage="generative",
                  init_from=None, out=tmp_path / "o", state_dir=None, pseudo_queries=True)

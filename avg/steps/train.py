@@ -183,12 +183,27 @@ def with_indexing(train: tuple, corpus_names: list[str], feats: featurestore.Fea
     return grown, list(corpus_names) + new
 
 
+def modality_gap(feats: featurestore.Features) -> np.ndarray:
+    """Mean offset from an image's embedding to its caption's, over the TRAIN captions only.
+
+    In a two-tower space captions and images sit in two cones apart (the modality gap: Liang et al.,
+    NeurIPS 2022, "Mind the Gap"); on the embedded Tux Paint store the offset has norm ~0.57 and moving
+    the test images by it lifts their mean cosine to their own captions from 0.31 to 0.43. An image
+    moved by it looks, to a decoder that reads query embeddings, like a caption of that image."""
+    train = feats.split("train")
+    if not len(train.captions):
+        raise UserError("train.indexing_gap needs train captions to measure the modality gap; the train split has none")
+    gold = train.captions["image_index"].to_numpy()
+    return (train.text.astype(np.float64) - train.image[gold].astype(np.float64)).mean(0).astype(np.float32)
+
+
 def pair_vectors(feats: featurestore.Features, split: str, captions: list[str], gold: np.ndarray,
-                 corpus_names: list[str], n_indexing: int) -> tuple[np.ndarray, np.ndarray]:
+                 corpus_names: list[str], n_indexing: int, gap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Query embeddings and mixup partners of training/validation rows.
 
     Rows are: the split's own captions (their store rows), then pseudo-queries (looked up or embedded),
-    then ``n_indexing`` corpus-indexing rows (query = the image's own embedding, no partner: NaN).
+    then ``n_indexing`` corpus-indexing rows (query = the image's own embedding, no partner: NaN; with
+    ``gap`` (:func:`modality_gap`) the image's embedding moved by it and renormalised).
     Partner = the gold image's embedding (``corpus_names[gold]``)."""
     n_text = len(captions) - n_indexing
     own = feats.split(split).text
@@ -197,7 +212,11 @@ def pair_vectors(feats: featurestore.Features, split: str, captions: list[str], 
     partners = feats.image[[image_of[corpus_names[g]] for g in gold]].astype(np.float32) if len(gold) \
         else np.zeros((0, feats.image.shape[1]), np.float32)
     if n_indexing:
-        queries.append(partners[n_text:].copy())
+        ix = partners[n_text:].copy()
+        if gap is not None:
+            ix = ix + gap
+            ix /= np.linalg.norm(ix, axis=1, keepdims=True).clip(1e-12)
+        queries.append(ix)
         partners[n_text:] = np.nan
     return np.concatenate(queries).astype(np.float32), partners
 
@@ -290,10 +309,11 @@ def _pseudo_query_table(cfg: dict, feats: featurestore.Features):
     return pq_table, pq_info
 
 
-def _pairs(split: str, vm, feats: featurestore.Features, image_codes: dict[str, np.ndarray], pq_table, indexing: bool):
+def _pairs(split: str, vm, feats: featurestore.Features, image_codes: dict[str, np.ndarray], pq_table, indexing: bool,
+           indexing_gap: bool = False):
     """The training (or validation) pairs of ``split``: its captions, then (train) the pseudo-queries and
-    the corpus-indexing rows, with their targets, the split's trie and (an embedding-reading model) their
-    query vectors and mixup partners."""
+    the corpus-indexing rows (moved by the train captions' modality gap when ``indexing_gap``), with their
+    targets, the split's trie and (an embedding-reading model) their query vectors and mixup partners."""
     from avg import training as T
     from avg.decode import token_trie
 
@@ -312,7 +332,8 @@ def _pairs(split: str, vm, feats: featurestore.Features, image_codes: dict[str, 
     caps, targets, gold, corpus = part
     queries = partners = None
     if vm.reads_embedding:
-        queries, partners = pair_vectors(feats, split, caps, gold, names, n_indexing)
+        gap = modality_gap(feats) if n_indexing and indexing_gap else None
+        queries, partners = pair_vectors(feats, split, caps, gold, names, n_indexing, gap)
     return T.Pairs(caps, vm.spec.codes_to_tokens(targets), gold, token_trie(vm, corpus), queries, partners)
 
 
@@ -383,12 +404,15 @@ def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: 
         pq_table, pq_info = _pseudo_query_table(cfg, feats)
 
     indexing = bool(cfg["indexing"])
+    if cfg["indexing_gap"] and not indexing:
+        raise UserError("params/train.yaml: train.indexing_gap moves the corpus-indexing rows, but train.indexing is "
+                        "false: turn indexing on, or indexing_gap off")
     augment = params.build(T.AugmentConfig, cfg["augment"], "train.augment")
     if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
         raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
                         f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
 
-    train = _pairs("train", vm, feats, image_codes, pq_table, indexing)
+    train = _pairs("train", vm, feats, image_codes, pq_table, indexing, bool(cfg["indexing_gap"]))
     val = _pairs("val", vm, feats, image_codes, pq_table, indexing)
     logger.info("train: %d captions over %d images; val: %d captions over %d images; %s",
                 len(train.captions), len(train.trie), len(val.captions), len(val.trie), M.describe(vm))
@@ -408,7 +432,8 @@ def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: 
             "n_val_images": len(val.trie), "model": M.describe(vm), "device": str(device),
             "validation_corpus": "val images (trie over their identifiers); val captions as queries",
             "pseudo_queries": pq_info, "reads": vm.config.reads,
-            "indexing": {"images": int(len(feats.images)), "splits": sorted(set(feats.images["split"]))} if indexing else None,
+            "indexing": {"images": int(len(feats.images)), "splits": sorted(set(feats.images["split"])),
+                         "gap": bool(cfg["indexing_gap"])} if indexing else None,
             "augment": dataclasses.asdict(augment) if vm.reads_embedding else None}
     if rank == 0:   # the other ranks hold the same weights; one writer
         _write_checkpoint(out, vm, meta, pq_table)
