@@ -99,11 +99,29 @@ def cross_checks(step: str, cfg: dict) -> list[tuple[str, str]]:
         if model.get("backbone") == "minilm" and hidden and heads and hidden % heads:
             out.append(("train.model.decoder_hidden", f"{hidden} is not divisible by train.model.decoder_heads ({heads}): "
                                                       "each attention head gets decoder_hidden / decoder_heads dimensions"))
+        if cfg.get("indexing_gap") and not cfg.get("indexing"):
+            out.append(("train.indexing_gap", "moves the corpus-indexing rows, but train.indexing is false: turn "
+                                              "indexing on, or indexing_gap off"))
+        augment = cfg.get("augment") or {}
+        feeds = [k for k, on in (("train.indexing", cfg.get("indexing")),
+                                 ("train.augment.mixup_prob", (augment.get("mixup_prob") or 0) > 0),
+                                 ("train.augment.noise", (augment.get("noise") or 0) > 0)) if on]
+        if feeds and model.get("reads", "tokens") == "tokens":
+            out.append(("train.model.reads", f"is 'tokens', but {' and '.join(feeds)} {'feeds' if len(feeds) == 1 else 'feed'} the query EMBEDDING, which "
+                                             "such a model does not read: set reads to embedding or both, or turn them off"))
         pq = cfg.get("pseudo_queries") or {}
         if pq.get("source") == "file" and not pq.get("file"):
             out.append(("train.pseudo_queries.file", "is null but train.pseudo_queries.source is 'file': give the CSV "
                                                      "(columns image, caption) or json, or use source: knn"))
     return out
+
+
+def refuse_combinations(step: str, cfg: dict, source: str) -> None:
+    """Raise :class:`ParamsError` naming every :func:`cross_checks` problem of an already-built slice (a step
+    run as a library gets the same refusal as one whose params went through :func:`validate`)."""
+    problems = cross_checks(step, cfg)
+    if problems:
+        raise ParamsError(f"{source}: " + "; ".join(f"{key}: {problem}" for key, problem in problems))
 
 
 def validate(step: str, cfg: Any, source: str, origin=None) -> dict:

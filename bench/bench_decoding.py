@@ -38,21 +38,10 @@ import os
 import sys
 
 
-def _threads_from_argv(argv: list[str]) -> int:
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return 1
-
+from machine import pin_env_threads, threads_from_argv  # noqa: E402  (bench/ is the script's directory)
 
 # BLAS and OpenMP pools size themselves when their library loads: pin them before numpy, torch and faiss do
-_THREADS = _threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else 0
-if _THREADS > 0:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-                 "NUMEXPR_NUM_THREADS"):
-        os.environ[_var] = str(_THREADS)
+pin_env_threads(threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else 0)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -244,6 +233,20 @@ def derived_search_only(e2e: dict, enc: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- generative side
+def decoder_alone(vm, queries: list[str], trie, beams: int, lat_q: int, batch: int):
+    """``fn(rows)`` running only the fast beam search for ``queries[rows]`` (row indices, as the timing
+    helpers pass them): the encoder states are computed here beforehand, one per single latency query and
+    one per batch of ``batch`` starting at a multiple of it, so timing ``fn`` times the decoder alone."""
+    with torch.inference_mode():
+        single = {i: vm.encode_states(vm.tokenize([queries[i]])) for i in range(min(max(lat_q, 3), len(queries)))}
+        batched = {s: vm.encode_states(vm.tokenize(queries[s:s + batch])) for s in range(0, len(queries), batch)}
+
+    def fn(rows):
+        hidden, mask = single[int(rows[0])] if len(rows) == 1 and int(rows[0]) in single else batched[int(rows[0])]
+        return beam_search(vm, hidden, mask, trie, beams)
+    return fn
+
+
 def generative_row(vm, n: int, caps: list[str], args, rng) -> dict:
     codes = random_identifiers(n, args.length, args.vocab, rng)
     tokens = vm.spec.codes_to_tokens(codes)
@@ -262,15 +265,8 @@ def generative_row(vm, n: int, caps: list[str], args, rng) -> dict:
         out[dec] = {**e2e, "end_to_end": e2e}
     # the encoder alone, as retrieve runs it (tokenisation + MiniLM encoder)
     enc = timed_queries(lambda c: vm.encode_states(vm.tokenize(c)), qq, lat_q, batch, dev)
-    # fast decoder alone: encoder states computed beforehand, one per single query and one per batch
-    with torch.inference_mode():
-        single = {i: vm.encode_states(vm.tokenize([qq[i]])) for i in range(min(max(lat_q, 3), len(qq)))}
-        batched = {s: vm.encode_states(vm.tokenize(qq[s:s + batch])) for s in range(0, len(qq), batch)}
-
-    def decode_only(rows):
-        hidden, mask = single[int(rows[0])] if len(rows) == 1 and int(rows[0]) in single else batched[int(rows[0])]
-        return beam_search(vm, hidden, mask, trie, beams)
-    out["fast"]["search_only"] = timed_queries(decode_only, np.arange(len(qq)), lat_q, batch, dev)
+    out["fast"]["search_only"] = timed_queries(decoder_alone(vm, qq, trie, beams, lat_q, batch), np.arange(len(qq)),
+                                               lat_q, batch, dev)
     out["generate"]["search_only"] = derived_search_only(out["generate"]["end_to_end"], enc)
     # same rankings? batched, over every QPS query
     res = {dec: retrieve(vm, qq, trie, num_beams=beams, batch_size=batch, decoder=dec) for dec in DECODERS}
@@ -383,13 +379,11 @@ def machine() -> dict:
 
 
 def pin_threads(threads: int) -> None:
-    if threads <= 0:
-        return
-    from threadpoolctl import threadpool_limits
+    from machine import pin_threads as pin_pools
 
-    torch.set_num_threads(threads)
-    DI.set_threads(threads)
-    pin_threads.limits = threadpool_limits(threads)             # numpy's, faiss' and torch's BLAS / OpenMP pools
+    if threads > 0:
+        pin_pools(threads)
+        DI.set_threads(threads)
 
 
 def main(argv=None) -> int:

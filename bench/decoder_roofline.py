@@ -25,13 +25,10 @@ from __future__ import annotations
 import os
 import sys
 
-_THREADS = 1
-for _i, _a in enumerate(sys.argv):
-    if _a == "--threads" and _i + 1 < len(sys.argv):
-        _THREADS = int(sys.argv[_i + 1])
-if __name__ == "__main__" and _THREADS > 0:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = str(_THREADS)        # BLAS pools size themselves when their library loads
+from machine import pin_env_threads, pin_threads, threads_from_argv  # noqa: E402  (bench/ is the script's directory)
+
+if __name__ == "__main__":
+    pin_env_threads(threads_from_argv(sys.argv[1:], default=1))   # before numpy and torch load their pools
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -103,7 +100,7 @@ def measure(args) -> dict:
     mcfg = params.build(ModelConfig, shape, "train.model", query_dim=0)
     vm = build_model(mcfg, [args.vocab] * args.length, seed=args.seed)
     vm.model.eval()
-    from bench_decoding import captions, random_identifiers
+    from bench_decoding import captions, decoder_alone, random_identifiers
 
     codes = random_identifiers(args.corpus, args.length, args.vocab, rng)
     trie = Trie(vm.spec.codes_to_tokens(codes), np.arange(args.corpus))
@@ -135,12 +132,7 @@ def measure(args) -> dict:
     peak = max(peaks.values())
 
     lat_q, qq = args.latency_queries, caps
-    single = {i: vm.encode_states(vm.tokenize([qq[i]])) for i in range(min(max(lat_q, 3), len(qq)))}
-    batched = {s: vm.encode_states(vm.tokenize(qq[s:s + b])) for s in range(0, len(qq), b)}
-
-    def decode_only(rows):
-        hidden, mask = single[int(rows[0])] if len(rows) == 1 and int(rows[0]) in single else batched[int(rows[0])]
-        return beam_search(vm, hidden, mask, trie, w)
+    decode_only = decoder_alone(vm, qq, trie, w, lat_q, b)
 
     with torch.inference_mode():
         times = {
@@ -255,11 +247,7 @@ def render_md(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        from threadpoolctl import threadpool_limits
-
-        torch.set_num_threads(args.threads)
-        main.limits = threadpool_limits(args.threads)
+    pin_threads(args.threads)
     start = time.perf_counter()
     result = measure(args)
     result["seconds"] = time.perf_counter() - start

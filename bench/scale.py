@@ -906,9 +906,10 @@ def write_outputs(out: Path, doc: dict) -> None:
 def run_step(step: str, n: int, work: Path, opts: dict, logs: Path) -> dict:
     result = work / "results" / f"{step}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
+    from machine import THREAD_VARS
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           **{k: str(opts["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                 "NUMEXPR_NUM_THREADS")}}
+           **{k: str(opts["threads"]) for k in THREAD_VARS}}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", step, "--worker-size", str(n),
            "--worker-work", str(work), "--worker-opts", json.dumps(opts), "--worker-result", str(result)]
     log = logs / f"{n}.{step}.log"

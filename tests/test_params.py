@@ -145,3 +145,20 @@ def test_decoder_width_must_split_over_heads_at_validation():
     bad = {**train, "model": {**train["model"], "decoder_hidden": 100, "decoder_heads": 6}}
     with pytest.raises(params.ParamsError, match=r"train\.model\.decoder_hidden: 100 is not divisible"):
         params.validate("train", bad, "params/train.yaml")
+
+
+def test_embedding_data_options_need_a_model_that_reads_the_embedding_at_validation():
+    """The two-key rules of the conditioning options stop the params check itself (``snakemake -n``, a recipe's
+    overrides in params/methods.yaml), naming the keys to change, not only the train step after it loaded data."""
+    from helpers_configs import params_slice
+
+    train = params_slice("train")
+    assert train["model"]["reads"] == "tokens" and not train["indexing"]     # the defaults pass
+    params.validate("train", train, "params/train.yaml")
+    with pytest.raises(params.ParamsError, match=r"train\.indexing_gap: moves the corpus-indexing rows, but "
+                                                 r"train\.indexing is false"):
+        params.validate("train", {**train, "indexing_gap": True}, "params/train.yaml")
+    noisy = {**train, "augment": {**train["augment"], "noise": 0.05}}
+    with pytest.raises(params.ParamsError, match=r"train\.model\.reads: is 'tokens', but train\.augment\.noise feeds the query EMBEDDING"):
+        params.validate("train", noisy, "params/train.yaml")
+    params.validate("train", {**noisy, "model": {**train["model"], "reads": "both"}}, "params/train.yaml")

@@ -38,6 +38,7 @@ import numpy as np
 from avg import featurestore, safe_io, params
 from avg.errors import UserError
 from avg.trie import position_sizes_of, read_identifiers
+from avg.metrics import l2_normalise
 
 STEP = "train"
 STAGES = ("generative", "discriminative")
@@ -190,9 +191,7 @@ def modality_gap(feats: featurestore.Features) -> np.ndarray:
     NeurIPS 2022, "Mind the Gap"); on the embedded Tux Paint store the offset has norm ~0.57 and moving
     the test images by it lifts their mean cosine to their own captions from 0.31 to 0.43. An image
     moved by it looks, to a decoder that reads query embeddings, like a caption of that image."""
-    train = feats.split("train")
-    if not len(train.captions):
-        raise UserError("train.indexing_gap needs train captions to measure the modality gap; the train split has none")
+    train = feats.split("train")      # never empty here: _pairs has refused a train split without captions
     gold = train.captions["image_index"].to_numpy()
     return (train.text.astype(np.float64) - train.image[gold].astype(np.float64)).mean(0).astype(np.float32)
 
@@ -214,8 +213,7 @@ def pair_vectors(feats: featurestore.Features, split: str, captions: list[str], 
     if n_indexing:
         ix = partners[n_text:].copy()
         if gap is not None:
-            ix = ix + gap
-            ix /= np.linalg.norm(ix, axis=1, keepdims=True).clip(1e-12)
+            ix = l2_normalise(ix + gap)
         queries.append(ix)
         partners[n_text:] = np.nan
     return np.concatenate(queries).astype(np.float32), partners
@@ -385,6 +383,7 @@ def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: 
 
     if stage == "discriminative" and init_from is None:
         raise UserError("--stage discriminative needs --init-from <generative checkpoint>, e.g. data/tuxpaint/checkpoints/avg-gen")
+    params.refuse_combinations("train", cfg, "params/train.yaml")     # also when called as a library, not via the CLI
     # before any work: the checkpoint replaces --out and the resume state is removed after training,
     # so neither may be a folder of the user's
     safe_io.refuse_foreign(out, (M.VOKENS_FILE, "train.json"), "--out", "an avg checkpoint")
@@ -404,13 +403,7 @@ def run(*, cfg: dict, log, run_id: str, features: Path, identifiers: Path, out: 
         pq_table, pq_info = _pseudo_query_table(cfg, feats)
 
     indexing = bool(cfg["indexing"])
-    if cfg["indexing_gap"] and not indexing:
-        raise UserError("params/train.yaml: train.indexing_gap moves the corpus-indexing rows, but train.indexing is "
-                        "false: turn indexing on, or indexing_gap off")
     augment = params.build(T.AugmentConfig, cfg["augment"], "train.augment")
-    if (indexing or augment.mixup_prob > 0 or augment.noise > 0) and not vm.reads_embedding:
-        raise UserError("params/train.yaml: train.indexing and train.augment (mixup, noise) feed the query EMBEDDING, "
-                        f"but train.model.reads is {vm.config.reads!r}: set it to embedding or both, or turn them off")
 
     train = _pairs("train", vm, feats, image_codes, pq_table, indexing, bool(cfg["indexing_gap"]))
     val = _pairs("val", vm, feats, image_codes, pq_table, indexing)
