@@ -37,6 +37,39 @@ DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq
 KS = ("recall@1", "recall@5", "recall@10")
 
 
+# issue 12's "done when", on the five-split mean of R@1 / dense: (what the group is, who is in it, target)
+TARGETS = (
+    ("no dense score, no pseudo-queries", lambda l: not l["dense_score"] and not l["pseudo_queries"], 0.6),
+    ("no dense score, with pseudo-queries", lambda l: not l["dense_score"] and l["pseudo_queries"], 0.8),
+    ("fusion (generative + dense score)", lambda l: l["kind"] == "fusion", 1.0),
+)
+
+
+def labels(methods: list[str]) -> dict[str, dict]:
+    """Per method, from its recipe: what it learned from, pseudo-queries, whether its ranking reads the dense
+    score (design.md §6), its kind; every table row carries them."""
+    m = recipes.load({"methods": params.load_file(ROOT / "params" / "methods.yaml", "methods")})
+    out = {}
+    for name in methods:
+        r = m[name]
+        out[name] = {"kind": r.kind, "pseudo_queries": r.pseudo_queries, "dense_score": r.uses_dense_score,
+                     "learned_from": "train captions (features step)" if r.kind == "dense" else recipes.learned_from(r)}
+    return out
+
+
+def targets(summary: dict, label: dict[str, dict]) -> list[dict]:
+    """Per target group: the method with the best mean R@1 / dense among those run, and whether it meets it."""
+    out = []
+    for group, member, target in TARGETS:
+        runs = [m for m in summary if m in label and member(label[m]) and summary[m]["ratio_r1_to_dense_mean"] is not None]
+        best = max(runs, key=lambda m: summary[m]["ratio_r1_to_dense_mean"], default=None)
+        ratio = summary[best]["ratio_r1_to_dense_mean"] if best else None
+        out.append({"group": group, "target": target, "best": best, "ratio_mean": ratio,
+                    "ratio_sd": summary[best]["ratio_r1_to_dense_sd"] if best else None,
+                    "met": None if best is None else ratio >= target})
+    return out
+
+
 def check_methods(methods: list[str]) -> None:
     """Every name must be a recipe of params/methods.yaml (checked before any pipeline runs)."""
     declared = params.load_file(ROOT / "params" / "methods.yaml", "methods")["recipes"]
@@ -86,23 +119,42 @@ def summarise(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict:
     return out
 
 
-def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[int, float]) -> str:
-    head = "| method | " + " | ".join(f"R@1 s{s}" for s in seeds) + " | R@1 mean ± sd | R@5 mean | R@10 mean | R@1 / dense mean ± sd |"
+def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[int, float],
+             label: dict[str, dict] | None = None, goals: list[dict] | None = None) -> str:
+    label = label or {}
+    head = ("| method | learned from | dense score in ranking | " + " | ".join(f"R@1 s{s}" for s in seeds)
+            + " | R@1 mean ± sd | R@5 mean | R@10 mean | R@1 / dense mean ± sd |")
     lines = ["# Split spread (Tux Paint test split, one pipeline run per data.split.seed)", "",
              "Recall in points; the ratio is each split's method R@1 over the same split's dense R@1. "
              f"Test queries per split: {', '.join(f's{s}: {n[s]}' for s in seeds)}. "
              "Made by `python bench/split_spread.py`.", "", head,
-             "|" + "---|" * (len(seeds) + 5)]
+             "|" + "---|" * (len(seeds) + 7)]
     for m, e in summary.items():
+        lab = label.get(m, {})
+        dense = {True: "yes", False: "no"}.get(lab.get("dense_score"), "?")
         r1 = " | ".join(f"{e['recall@1'][str(s)]:.1f}" for s in seeds)
         sd = f" ± {e['recall@1_sd']:.1f}" if e["recall@1_sd"] is not None else ""
-        rsd = f" ± {e['ratio_r1_to_dense_sd']:.2f}" if e["ratio_r1_to_dense_sd"] is not None else ""
-        ratio = f"{e['ratio_r1_to_dense_mean']:.2f}{rsd}" if e["ratio_r1_to_dense_mean"] is not None else "n/a"
-        lines.append(f"| {m} | {r1} | {e['recall@1_mean']:.1f}{sd} | {e['recall@5_mean']:.1f} | "
-                     f"{e['recall@10_mean']:.1f} | {ratio} |")
+        lines.append(f"| {m} | {lab.get('learned_from', '?')} | {dense} | {r1} | {e['recall@1_mean']:.1f}{sd} | "
+                     f"{e['recall@5_mean']:.1f} | {e['recall@10_mean']:.1f} | {ratio_text(e)} |")
+    if goals:
+        lines += ["", "Targets (issue 12), on the mean over these splits of R@1 / dense:", "",
+                  "| group | best recipe run | R@1 / dense mean ± sd | target | met |", "|---|---|---|---|---|"]
+        for g in goals:
+            got = "n/a" if g["best"] is None else ratio_text({"ratio_r1_to_dense_mean": g["ratio_mean"],
+                                                               "ratio_r1_to_dense_sd": g["ratio_sd"]})
+            met = {True: "yes", False: "no"}.get(g["met"], "not run")
+            lines.append(f"| {g['group']} | {g['best'] or '—'} | {got} | {g['target']:.1f} × | {met} |")
     lines += ["", "Wall time per split (s; a split whose outputs were up to date takes seconds): "
               + ", ".join(f"s{s}: {seconds[s]:.0f}" for s in seeds), ""]
     return "\n".join(lines)
+
+
+def ratio_text(e: dict) -> str:
+    """``mean ± sd`` of a summary entry's R@1 / dense (``n/a`` where no split had a dense R@1)."""
+    if e["ratio_r1_to_dense_mean"] is None:
+        return "n/a"
+    sd = f" ± {e['ratio_r1_to_dense_sd']:.2f}" if e["ratio_r1_to_dense_sd"] is not None else ""
+    return f"{e['ratio_r1_to_dense_mean']:.2f}{sd}"
 
 
 def main() -> None:
@@ -133,9 +185,12 @@ def main() -> None:
             n[seed] = per_seed[seed]["dense"]["n_queries"]
 
     summary = summarise(per_seed, args.methods)
-    table = markdown(summary, args.seeds, n, seconds)
+    label = labels(args.methods)
+    goals = targets(summary, label)
+    table = markdown(summary, args.seeds, n, seconds, label, goals)
     safe_io.write_json(args.out / "split_spread.json",
-                  {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds, "summary": summary})
+                       {"seeds": args.seeds, "methods": args.methods, "n_queries": n, "seconds": seconds,
+                        "summary": summary, "labels": label, "targets": goals})
     safe_io.write_text(args.out / "split_spread.md", table)
     print(table)
 
