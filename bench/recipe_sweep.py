@@ -1,7 +1,8 @@
 """Identifier shapes and training recipes side by side over seeded splits, chosen on validation.
 
 For each ``data.split.seed`` in ``--splits`` and each run of ``--runs``, this fits the run's tokenizer
-(``tokenizer`` overrides of params/tokenizer.yaml), assigns its identifiers, trains the generative stage
+(``tokenizer`` overrides of params/tokenizer.yaml; rq and avg schemes), assigns its identifiers (``scheme``,
+default avg; ``identifiers`` overrides of params/identifiers.yaml), trains the generative stage
 (``train`` overrides of params/train.yaml, dotted keys; ``pq`` = with pseudo-queries) and reads the
 validation recall the step selected on. Test recall is decoded afterwards for the same checkpoint and
 reported beside it, never used to choose. Dense (exact inner product over the feature store) gives the
@@ -52,7 +53,8 @@ def recipe_of(run: dict):
     """The generative recipe a run describes (avg identifiers; its overrides and pseudo-queries)."""
     from avg.methods import Recipe
 
-    return Recipe(run["name"], "generative", "avg", None, bool(run.get("pq")), dict(run.get("train", {})))
+    return Recipe(run["name"], "generative", run.get("scheme", "avg"), None, bool(run.get("pq")),
+                  dict(run.get("train", {})))
 
 
 def features_dir(seed: int) -> Path:
@@ -68,29 +70,43 @@ def features_dir(seed: int) -> Path:
     return out
 
 
-def tokenizer_key(over: dict) -> str:
-    return "tok-" + ("-".join(f"{k}={v}" for k, v in sorted(over.items())) or "default")
+def identifiers_key(run: dict) -> str:
+    """One folder per distinct (scheme, tokenizer overrides, identifiers overrides): runs that share them
+    share the tokenizer and the identifier table."""
+    parts = [f"{k}={v}" for k, v in sorted(run.get("tokenizer", {}).items())]
+    parts += [f"id.{k}={v}" for k, v in sorted(run.get("identifiers", {}).items())]
+    return f"{run.get('scheme', 'avg')}-" + ("-".join(parts) or "default")
 
 
-def build_identifiers(features: Path, over: dict, work: Path) -> Path:
-    """Tokenizer + identifiers of the avg scheme under tokenizer overrides; returns the identifier table."""
+def build_identifiers(features: Path, run: dict, work: Path) -> Path:
+    """The run's identifier table (its scheme; the tokenizer first for rq/avg) under its overrides. The
+    codebook is written beside it, where the train step finds it (train.model.voken_init: codebook)."""
     import torch
 
+    from avg.dag import needs_tokenizer
+    from avg.methods import set_dotted
     from avg.steps import identifiers as IS
     from avg.steps import tokenizer as TS
 
     torch.set_num_threads(1)
-    table = work / "identifiers" / "avg.tsv"
+    scheme = run.get("scheme", "avg")
+    table = work / "identifiers" / f"{scheme}.tsv"
     if table.exists():
         return table
-    from avg.methods import set_dotted
-
-    cfg = params_slice("tokenizer")
-    for k, v in over.items():
-        set_dotted(cfg, k, v, "--runs tokenizer", "params/tokenizer.yaml's tokenizer slice")
-    TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=features, scheme="avg", out=work / "tokenizer")
-    IS.run(cfg=params_slice("identifiers"), log=lambda *a: None, run_id="sweep", features=features, scheme="avg",
-           tokenizer=work / "tokenizer", out=work / "identifiers")
+    id_cfg = params_slice("identifiers")
+    for k, v in run.get("identifiers", {}).items():
+        set_dotted(id_cfg, k, v, "--runs identifiers", "params/identifiers.yaml's identifiers slice")
+    tokenizer = None
+    if needs_tokenizer(scheme):
+        cfg = params_slice("tokenizer")
+        for k, v in run.get("tokenizer", {}).items():
+            set_dotted(cfg, k, v, "--runs tokenizer", "params/tokenizer.yaml's tokenizer slice")
+        tokenizer = work / "tokenizer"
+        TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=features, scheme=scheme, out=tokenizer)
+    elif run.get("tokenizer"):
+        raise SystemExit(f"--runs: run {run['name']!r} sets tokenizer overrides, but scheme {scheme!r} has no tokenizer")
+    IS.run(cfg=id_cfg, log=lambda *a: None, run_id="sweep", features=features, scheme=scheme,
+           tokenizer=tokenizer, out=work / "identifiers")
     return table
 
 
@@ -153,7 +169,7 @@ def write_report(result: dict, stem: Path) -> None:
     dense = result["dense"]
     lines = [f"# Identifier shapes and training recipes over seeded splits ({result['tag']})", "",
              result["about"], "",
-             f"Splits (data.split.seed): {', '.join(map(str, splits))}. Generative stage only, avg scheme. "
+             f"Splits (data.split.seed): {', '.join(map(str, splits))}. Generative stage only, avg scheme unless a run names another. "
              "Chosen on **val** (the mean of R@1/5/10, train.validation.select_metric); test shown for the record. "
              "Mean ± std over splits, in points; ratio = method R@1 / dense R@1 of the same split and split side.", "",
              "| run | learned from | reads | val mean R@1/5/10 | val R@1 | val R@1 / dense | test R@1 | test R@1 / dense | test R@10 | s/run |",
@@ -187,7 +203,8 @@ def write_report(result: dict, stem: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, default=None,
-                    help='JSON list of {"name", "tokenizer": {key: value}, "train": {dotted.key: value}, "pq": bool}')
+                    help='JSON list of {"name", "scheme": avg|rq|kmeans|atomic, "tokenizer": {key: value}, '
+                         '"identifiers": {dotted.key: value}, "train": {dotted.key: value}, "pq": bool}')
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/avg-recipe-sweep"))
@@ -201,8 +218,8 @@ def main() -> None:
     jobs = []
     for s in args.splits:
         for run in runs:
-            work = args.work / f"split{s}" / tokenizer_key(run.get("tokenizer", {}))
-            ids = build_identifiers(feats[s], run.get("tokenizer", {}), work)
+            work = args.work / f"split{s}" / identifiers_key(run)
+            ids = build_identifiers(feats[s], run, work)
             slug = "".join(ch if ch.isalnum() else "_" for ch in run["name"])
             jobs.append({"run": run["name"], "run_spec": run, "split": s, "features": str(feats[s]),
                          "identifiers": str(ids), "pq": bool(run.get("pq")),
