@@ -20,22 +20,6 @@ REPORT_FILES = ("comparison.md", "comparison.html", *REPORT_FIGURES, "plots/reca
 REPORT_BENCH = "reports/bench/decoding.json"
 
 
-# Snakemake job priorities (the rules' `priority:`; scheduling only, no output changes). On 2 cores, with
-# every evaluation holding both (TIMED_THREADS), the demo's wall time is how well the trainings pack onto the
-# cores plus the evaluations after them. Without priorities Snakemake started the short trainings of the
-# other schemes first and the avg tokenizer's identifiers waited for a free core, so the longest training
-# began ~4 minutes in and finished last (a fresh clone's demo: 14 min 23 s). The tokenizer and identifier
-# jobs last seconds and unblock every training, so they go first; then trainings longest first
-# (longest-processing-time packing): corpus indexing adds a row per corpus image and pseudo-queries several
-# per val/test image, so those recipes train longest. Evaluations keep Snakemake's default 0.
-UNBLOCKING_PRIORITY = 10
-
-
-def train_priority(indexing: bool, pseudo_queries: bool) -> int:
-    """A training job's priority: above the evaluations (0), below the unblocking jobs, longer runs first."""
-    return 1 + int(bool(indexing)) + int(bool(pseudo_queries))
-
-
 def needs_tokenizer(scheme: str) -> bool:
     return scheme in LEARNED
 

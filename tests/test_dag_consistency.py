@@ -31,8 +31,7 @@ def copy_project(dst: Path) -> Path:
 
 
 def snakemake_jobs(workdir: Path, extra: list[str] = ()) -> list[dict]:
-    """Every job's {rule, input, output, cmd, wildcards, priority} from a forced dry run (the job blocks
-    Snakemake prints)."""
+    """Every job's {rule, input, output, cmd} from a forced dry run (the job blocks Snakemake prints)."""
     out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--forceall", "--cores", "1", *extra],
                          cwd=workdir, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -40,17 +39,12 @@ def snakemake_jobs(workdir: Path, extra: list[str] = ()) -> list[dict]:
     current = None
     for line in (out.stdout + out.stderr).splitlines():
         if line.startswith("rule ") or line.startswith("localrule "):
-            current = {"rule": line.split()[1].rstrip(":"), "input": set(), "output": set(), "cmd": None,
-                       "wildcards": "", "priority": 0}        # Snakemake prints a priority only when not 0
+            current = {"rule": line.split()[1].rstrip(":"), "input": set(), "output": set(), "cmd": None}
             jobs.append(current)
         elif current is not None and line.startswith("    input: "):
             current["input"] = {p.strip() for p in line.split(":", 1)[1].split(",")}
         elif current is not None and line.startswith("    output: "):
             current["output"] = {p.strip() for p in line.split(":", 1)[1].split(",")}
-        elif current is not None and line.startswith("    wildcards: "):
-            current["wildcards"] = line.split(":", 1)[1].strip()
-        elif current is not None and line.startswith("    priority: "):
-            current["priority"] = int(line.split(":", 1)[1])
         elif current is not None and line.startswith("Shell command: "):
             current["cmd"] = line.removeprefix("Shell command: ").strip()
     return [j for j in jobs if j["rule"] != "all"]
@@ -231,19 +225,3 @@ def test_snakemake_lint_is_clean_but_for_the_conda_advice(tmp_path):
     out = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=work, capture_output=True, text=True)
     lints = {line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip().startswith("* ")}
     assert lints <= {"* Specify a conda environment or container for each rule.:"}, lints
-
-
-def test_snakemake_starts_what_unblocks_trainings_then_the_longest_trainings(tmp_path):
-    """Priorities (avg.dag): the seconds-long tokenizer and identifier jobs before any training (they unblock
-    all of them), trainings before evaluations (which hold every core), and among the demo's generative
-    trainings the ones with more rows first: indexing + pseudo-queries, then indexing, then train captions only."""
-    jobs = snakemake_jobs(copy_project(tmp_path))
-    by_rule: dict[str, list[dict]] = {}
-    for j in jobs:
-        by_rule.setdefault(j["rule"], []).append(j)
-    unblocking = [j["priority"] for r in ("tokenizer", "identifiers", "identifiers_atomic") for j in by_rule[r]]
-    training = [j["priority"] for r in ("train_generative", "train_discriminative") for j in by_rule[r]]
-    evaluating = [j["priority"] for r, js in by_rule.items() if r.startswith("evaluate") for j in js]
-    assert min(unblocking) > max(training) and min(training) > max(evaluating) == 0
-    gen = {j["wildcards"].removeprefix("name="): j["priority"] for j in by_rule["train_generative"]}
-    assert gen["avg-ix-pq-gen"] > gen["avg-ix-gen"] > gen["avg-gen"] == gen["kmeans-gen"]

@@ -60,12 +60,6 @@ def train_cfg(wildcards):
     return json.dumps(recipes.train_config(config, RECIPES[wildcards.name]), sort_keys=True)
 
 
-def train_priority(wildcards):
-    """Longest trainings first (avg.dag.train_priority): indexing and pseudo-queries add rows."""
-    r = RECIPES[wildcards.name]
-    return dag.train_priority(r.train.get("indexing", config["train"].get("indexing", False)), r.pseudo_queries)
-
-
 def recipe_json(wildcards):
     """Just this recipe and the ones it continues: changing another recipe reruns nothing here."""
     return json.dumps(recipe_chain(wildcards.name), sort_keys=True)

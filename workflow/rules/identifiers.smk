@@ -10,7 +10,6 @@ rule tokenizer:
         f"logs/{DATASET}/tokenizer_{{scheme}}.log",
     params:
         cfg=cfg_json("tokenizer"),
-    priority: dag.UNBLOCKING_PRIORITY
     threads: step_threads("tokenizer")
     resources:
         mem_mb=4000,
@@ -36,7 +35,6 @@ rule identifiers:
         cfg=lambda wildcards: cfg_json("identifiers", drop=dag.identifiers_unread(wildcards.scheme)),
         tokenizer=lambda wildcards, input: f"--tokenizer {input.tokenizer}" if "tokenizer" in input.keys() else "",
         outdir=lambda wildcards, output: os.path.dirname(output.table),
-    priority: dag.UNBLOCKING_PRIORITY
     threads: step_threads("identifiers")
     resources:
         mem_mb=4000,
@@ -58,7 +56,6 @@ rule identifiers_atomic:
     params:
         cfg=cfg_json("identifiers", drop=dag.identifiers_unread("atomic")),
         outdir=lambda wildcards, output: os.path.dirname(output.table),
-    priority: dag.UNBLOCKING_PRIORITY
     threads: step_threads("identifiers")
     resources:
         mem_mb=2000,

@@ -12,7 +12,6 @@ rule train_generative:
     params:
         cfg=train_cfg,
         recipe=recipe_json,
-    priority: train_priority
     threads: step_threads("train")
     resources:
         mem_mb=8000,
@@ -38,7 +37,6 @@ rule train_discriminative:
     params:
         cfg=train_cfg,
         recipe=recipe_json,
-    priority: train_priority
     threads: step_threads("train")
     resources:
         mem_mb=8000,
