@@ -141,7 +141,8 @@ def train_one(job: dict) -> dict:
                                   trie, num_beams=10, queries=test.text)
     return {"run": job["run"], "split": job["split"], "best_epoch": meta["best_epoch"],
             "val": {k: meta[f"val_{k}"] for k in KS}, "test": {k: m[k] for k in KS},
-            "seconds": round(time.time() - t0, 1)}
+            # the training's own seconds (train.json), so a run whose checkpoint a later sweep reuses keeps them
+            "seconds": round(meta.get("seconds", time.time() - t0), 1)}
 
 
 def dense_recalls(features: Path) -> dict:
