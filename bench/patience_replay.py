@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avg import safe_io  # noqa: E402
+from avg.report.format import fmt_mean_sd  # noqa: E402
 
 
 def replay(history: list[dict], patience: int, metric: str, epochs: int) -> tuple[float, int, int]:
@@ -82,8 +83,7 @@ def main() -> None:
              "| run | patience | val mean R@1/5/10 | epochs run (per split) | epochs run mean |",
              "|---|---|---|---|---|"]
     for r in rows:
-        sd = f" ± {r['val_sd']:.1f}" if r["val_sd"] is not None else ""
-        lines.append(f"| {r['run']} | {r['patience']} | {r['val_mean']:.1f}{sd} | "
+        lines.append(f"| {r['run']} | {r['patience']} | {fmt_mean_sd(r['val_mean'], r['val_sd'], 1)} | "
                      f"{', '.join(str(v) for v in r['epochs_run'].values())} | {r['epochs_mean']:.1f} |")
     safe_io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")
     print(f"wrote {stem}.md")

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avg import safe_io  # noqa: E402
+from avg.report.format import fmt_mean_sd  # noqa: E402
 
 DEFAULT_RUNS = [
     {"name": "3x16 train-fit, tokens", "tokenizer": {}, "train": {}},
@@ -159,9 +160,10 @@ def dense_recalls(features: Path) -> dict:
     return out
 
 
-def mean_std(xs: list[float]) -> str:
-    xs = [100 * x for x in xs]
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+def mean_std(xs: list[float], scale: float = 100, decimals: int = 1) -> str:
+    """Mean ± std over splits (points by default; scale 1 and 2 decimals for ratios)."""
+    xs = [scale * x for x in xs]
+    return fmt_mean_sd(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, decimals)
 
 
 def write_report(result: dict, stem: Path) -> None:
@@ -189,13 +191,11 @@ def write_report(result: dict, stem: Path) -> None:
         t10 = [r["test"]["recall@10"] for r in rows]
         vr = [a / b for a, b in zip(v1, dval)]
         tr = [a / b for a, b in zip(t1, dtest)]
-        tr_s = f"{statistics.mean(tr):.2f} ± {statistics.stdev(tr):.2f}" if len(tr) > 1 else f"{tr[0]:.2f}"
-        vr_s = f"{statistics.mean(vr):.2f} ± {statistics.stdev(vr):.2f}" if len(vr) > 1 else f"{vr[0]:.2f}"
         from avg.methods import learned_from
 
         over = run.get("train", {})
         lines.append(f"| {run['name']} | {learned_from(recipe_of(run))} | {over.get('model.reads', 'tokens')} | {mean_std(vmean)} | {mean_std(v1)} | "
-                     f"{vr_s} | {mean_std(t1)} | {tr_s} | {mean_std(t10)} | "
+                     f"{mean_std(vr, 1, 2)} | {mean_std(t1)} | {mean_std(tr, 1, 2)} | {mean_std(t10)} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines += ["", "No row's ranking uses a dense score (design.md §6). Runs: " + json.dumps(result["runs"])]
     safe_io.write_text(stem.parent / f"{stem.name}.md", "\n".join(lines) + "\n")

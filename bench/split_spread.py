@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avg import safe_io, params  # noqa: E402
+from avg.report.format import fmt_mean_sd, fmt_yes_no  # noqa: E402
 from avg import methods as recipes  # noqa: E402
 
 DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq-gen", "avg-ix-pq-gen-fu"]
@@ -131,19 +132,16 @@ def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[i
              "|" + "---|" * (len(seeds) + 7)]
     for m, e in summary.items():
         lab = label.get(m, {})
-        dense = {True: "yes", False: "no"}.get(lab.get("dense_score"), "?")
         r1 = " | ".join(f"{e['recall@1'][str(s)]:.1f}" for s in seeds)
-        sd = f" ± {e['recall@1_sd']:.1f}" if e["recall@1_sd"] is not None else ""
-        lines.append(f"| {m} | {lab.get('learned_from', '?')} | {dense} | {r1} | {e['recall@1_mean']:.1f}{sd} | "
+        lines.append(f"| {m} | {lab.get('learned_from', '?')} | {fmt_yes_no(lab.get('dense_score'), '?')} | {r1} | "
+                     f"{fmt_mean_sd(e['recall@1_mean'], e['recall@1_sd'], 1)} | "
                      f"{e['recall@5_mean']:.1f} | {e['recall@10_mean']:.1f} | {ratio_text(e)} |")
     if goals:
         lines += ["", "Targets (issue 12), on the mean over these splits of R@1 / dense:", "",
                   "| group | best recipe run | R@1 / dense mean ± sd | target | met |", "|---|---|---|---|---|"]
         for g in goals:
-            got = "n/a" if g["best"] is None else ratio_text({"ratio_r1_to_dense_mean": g["ratio_mean"],
-                                                               "ratio_r1_to_dense_sd": g["ratio_sd"]})
-            met = {True: "yes", False: "no"}.get(g["met"], "not run")
-            lines.append(f"| {g['group']} | {g['best'] or '—'} | {got} | {g['target']:.1f} × | {met} |")
+            lines.append(f"| {g['group']} | {g['best'] or '—'} | {fmt_mean_sd(g['ratio_mean'], g['ratio_sd'], 2, 'n/a')} | "
+                         f"{g['target']:.1f} × | {fmt_yes_no(g['met'], 'not run')} |")
     lines += ["", "Wall time per split (s; a split whose outputs were up to date takes seconds): "
               + ", ".join(f"s{s}: {seconds[s]:.0f}" for s in seeds), ""]
     return "\n".join(lines)
@@ -151,10 +149,7 @@ def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[i
 
 def ratio_text(e: dict) -> str:
     """``mean ± sd`` of a summary entry's R@1 / dense (``n/a`` where no split had a dense R@1)."""
-    if e["ratio_r1_to_dense_mean"] is None:
-        return "n/a"
-    sd = f" ± {e['ratio_r1_to_dense_sd']:.2f}" if e["ratio_r1_to_dense_sd"] is not None else ""
-    return f"{e['ratio_r1_to_dense_mean']:.2f}{sd}"
+    return fmt_mean_sd(e["ratio_r1_to_dense_mean"], e["ratio_r1_to_dense_sd"], 2, "n/a")
 
 
 def main() -> None:

@@ -62,6 +62,19 @@ def fmt_percent(value: Any, decimals: int = 1) -> str:
     return MISSING if v is None or not math.isfinite(v) else f"{100 * v:.{decimals}f}"
 
 
+def fmt_mean_sd(mean: float | None, sd: float | None, decimals: int, missing: str = MISSING) -> str:
+    """A spread cell of the bench and README tables: ``mean ± sd``, just ``mean`` where there is no sd (one
+    split), ``missing`` where there is no mean."""
+    if mean is None:
+        return missing
+    return f"{mean:.{decimals}f}" + ("" if sd is None else f" ± {sd:.{decimals}f}")
+
+
+def fmt_yes_no(flag: bool | None, missing: str = MISSING) -> str:
+    """A flag cell (e.g. whether a ranking used the dense score): yes, no, or ``missing`` where unknown."""
+    return {True: "yes", False: "no"}.get(flag, missing)
+
+
 def fmt_levels(values: Any) -> str:
     if not isinstance(values, (list, tuple)) or not values:
         return MISSING
