@@ -51,7 +51,7 @@ def params_slice(name: str) -> dict:
 
 
 def recipe_of(run: dict):
-    """The generative recipe a run describes (avg identifiers; its overrides and pseudo-queries)."""
+    """The generative recipe a run describes (its scheme, avg by default; its overrides and pseudo-queries)."""
     from avg.methods import Recipe
 
     return Recipe(run["name"], "generative", run.get("scheme", "avg"), None, bool(run.get("pq")),
