@@ -65,6 +65,7 @@ class OptimConfig:
     patience: int                 # epochs without a better validation score before stopping; 0 = never stop early
     label_smoothing: float | None  # generative cross-entropy only (None in the discriminative stage)
     grad_accum_steps: int         # micro-batches per optimisation step (each rank): same update, less memory
+    ema: float                    # decay of the weight average that is validated and kept; 0 = the raw weights
     precision: str                # auto | fp32 | fp16 | bf16 autocast of the forward passes (auto: fp32 on CPU)
 
 
@@ -182,7 +183,7 @@ class Checkpointer:
     def best_dir(self) -> Path | None:
         return None if self.dir is None else self.dir / "best"
 
-    def load(self, vm: VokenModel, optimizer, scheduler, scaler=None) -> dict | None:
+    def load(self, vm: VokenModel, optimizer, scheduler, scaler=None, ema: "WeightAverage | None" = None) -> dict | None:
         if self.dir is None or not (self.dir / "last" / "trainer.json").exists():
             return None
         trainer = safe_io.read_json(self.dir / "last" / "trainer.json")
@@ -197,10 +198,13 @@ class Checkpointer:
         scheduler.load_state_dict(blob["scheduler"])
         if scaler is not None and blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])
+        if ema is not None and blob.get("ema"):
+            ema.load_state_dict(blob["ema"])
         logger.info("resuming from %s after epoch %d", self.dir, trainer["epoch"])
         return trainer
 
-    def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict, scaler=None) -> None:
+    def save_last(self, vm: VokenModel, optimizer, scheduler, trainer: dict, scaler=None,
+                  ema: "WeightAverage | None" = None) -> None:
         if self.dir is None or not self.writer:
             return
         with safe_io.atomic_path(self.dir / "last") as tmp:
@@ -209,6 +213,8 @@ class Checkpointer:
                     "scheduler": scheduler.state_dict()}
             if scaler is not None and scaler.is_enabled():
                 blob["scaler"] = scaler.state_dict()
+            if ema is not None:
+                blob["ema"] = ema.state_dict()
             torch.save(blob, tmp / "state.pt")
             (tmp / "trainer.json").write_text(json.dumps({**trainer, "fingerprint": self.fingerprint},
                                                          indent=2, sort_keys=True, default=safe_io._json_default))
@@ -223,6 +229,57 @@ class Checkpointer:
     def clear(self) -> None:
         if self.dir is not None and self.writer:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (Polyak averaging), the model that is validated,
+    selected and saved when ``OptimConfig.ema`` > 0: on a few hundred captions the raw weights after each step
+    swing with the last batches; their average sits in a flatter region that transfers better to unseen images.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (timm's ModelEmaV2 and
+    TensorFlow's ExponentialMovingAverage do the same), so the first epochs' average is not pinned to the
+    initialisation. Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that one deep-copies the
+    whole module (the frozen encoder included) into a second model, while validation, checkpoints and the
+    distributed wrapper here all work on ``vm.model``; this keeps one shadow tensor per trainable parameter
+    and swaps them in (:meth:`applied`).
+    """
+
+    def __init__(self, params: list, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.params, self.decay, self.updates = list(params), decay, 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current weights in (after each optimiser step)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own (training) weights again after it."""
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": [s.clone() for s in self.shadow]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
 
 
 # ====================================================================== loops
@@ -365,7 +422,11 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
     opt, sched = _make_optimizer(vm, optim, steps_per_epoch * optim.epochs)
     sel = val_cfg.select_metric
     t0 = time.perf_counter()
-    trainer = ckpt.load(vm, opt, sched, scaler) or {"epoch": 0, "best_score": None, "best_epoch": None,
+    params = [p for p in vm.model.parameters() if p.requires_grad]
+    ema = WeightAverage(params, optim.ema) if optim.ema > 0 else None
+    # validation, selection and the saved best epoch see the averaged weights; training steps the raw ones
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
+    trainer = ckpt.load(vm, opt, sched, scaler, ema) or {"epoch": 0, "best_score": None, "best_epoch": None,
                                                    "best_val": None, "history": [], "stale": 0, "done": False,
                                                    "seconds": 0.0}
     start = trainer["epoch"] + 1
@@ -381,12 +442,12 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         return out
 
     if start == 1 and validate_initial:
-        vmetrics = validated()
+        with averaged():
+            vmetrics = validated()
+            _consider(vm, trainer, ckpt, stage, sel, 0, vmetrics)
         _log_all(log, stage, {f"val_{k}": v for k, v in vmetrics.items()}, 0)
-        _consider(vm, trainer, ckpt, stage, sel, 0, vmetrics)
         trainer["history"].append({"epoch": 0, **{f"val_{k}": v for k, v in vmetrics.items()}})
 
-    params = [p for p in vm.model.parameters() if p.requires_grad]
     # one bar over the stage's steps (batches/s, loss, last validation); only rank 0 draws it
     bar = tqdm(total=steps_per_epoch * optim.epochs, initial=steps_per_epoch * (start - 1), desc=stage, unit="batch",
                mininterval=1.0, disable=rank != 0 or trainer["done"])
@@ -398,18 +459,20 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
         torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
         sums, n_batches = _train_epoch(vm, runner, opt, sched, scaler, params, order, optim, rank, world, phases,
-                                       bar, epoch)
+                                       bar, epoch, ema)
         sums = _all_reduce_sums(sums)
         train_stats = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         # validation every `every` epochs and after the last; patience counts validations
         due = epoch % val_cfg.every == 0 or epoch == optim.epochs
-        vmetrics = validated() if due else {}
+        with averaged():
+            vmetrics = validated() if due else {}
+            if due:
+                _consider(vm, trainer, ckpt, stage, sel, epoch, vmetrics)
         row = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in vmetrics.items()}}
         _log_all(log, stage, {k: v for k, v in row.items() if k != "epoch"}, epoch)
         if rank == 0:
             logger.info("%s epoch %d: %s", stage, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if due:
-            _consider(vm, trainer, ckpt, stage, sel, epoch, vmetrics)
             bar.set_postfix({"epoch": epoch, f"val {sel}": f"{vmetrics[sel]:.3f}",
                              "best": f"{trainer['best_score']:.3f}@{trainer['best_epoch']}"}, refresh=False)
         trainer["history"].append(row)
@@ -418,7 +481,7 @@ def _fit(vm: VokenModel, stage: str, n_train: int, step_fn: Callable[[np.ndarray
             trainer["done"] = True
         trainer["seconds"] = trainer.get("seconds", 0.0) + (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")}, scaler)
+        ckpt.save_last(vm, opt, sched, {k: v for k, v in trainer.items() if not k.startswith("_")}, scaler, ema)
 
     bar.close()
     _restore_best(vm, trainer, ckpt)
@@ -465,7 +528,8 @@ def _consider(vm: VokenModel, trainer: dict, ckpt: Checkpointer, stage: str, sel
 
 
 def _train_epoch(vm: VokenModel, runner, opt, sched, scaler, params: list, order: np.ndarray, optim: OptimConfig,
-                 rank: int, world: int, phases: dict, bar, epoch: int) -> tuple[dict[str, float], int]:
+                 rank: int, world: int, phases: dict, bar, epoch: int,
+                 ema: WeightAverage | None = None) -> tuple[dict[str, float], int]:
     """One pass over the train pairs in ``order``: one optimiser step per batch (its micro-batches'
     gradients accumulated). Returns the summed step outputs (this rank's) and the number of batches."""
     vm.model.train()
@@ -496,6 +560,8 @@ def _train_epoch(vm: VokenModel, runner, opt, sched, scaler, params: list, order
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.update()
         n_batches += 1
         bar.update(1)
         bar.set_postfix({"epoch": epoch, "loss": f"{sums.get('loss', 0.0) / n_batches:.3f}"}, refresh=False)

@@ -17,7 +17,7 @@ from avg import featurestore, safe_io  # noqa: E402
 from avg.decode import token_trie  # noqa: E402
 from avg.model import VokenModel, build_model  # noqa: E402
 from helpers_configs import model_config, optim_config, params_slice, rank_config, val_config  # noqa: E402
-from avg.training import (Checkpointer, Pairs, listwise_loss, pairwise_loss,  # noqa: E402
+from avg.training import (Checkpointer, Pairs, WeightAverage, listwise_loss, pairwise_loss,  # noqa: E402
                           train_discriminative, train_generative, validate)
 
 TINY = dict(encoder_init="random", shared_vokens=True, freeze_encoder=False, decoder_layers=1, decoder_hidden=32, decoder_heads=2, decoder_ffn=64, dropout=0.0,
@@ -101,12 +101,56 @@ def test_best_epoch_is_kept_not_the_last(tmp_path):
     assert ("generative.val_recall@1", out["history"][0]["val_recall@1"], 1) in seen
 
 
+def test_weight_average_warms_up_then_follows_its_decay_and_swaps_in_and_out():
+    w = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage([w], decay=0.5)
+    expected = torch.zeros(3)
+    for n, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.update()
+        d = min(0.5, (1 + n) / (10 + n))          # the warm-up keeps early averages off the initial weights
+        expected = d * expected + (1 - d) * value
+        torch.testing.assert_close(avg.shadow[0], expected)
+    with avg.applied():
+        torch.testing.assert_close(w.detach(), expected)
+    torch.testing.assert_close(w.detach(), torch.full((3,), 8.0))   # the training weights come back
+    again = WeightAverage([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
+    again.load_state_dict(avg.state_dict())
+    assert again.updates == 4
+    torch.testing.assert_close(again.shadow[0], expected)
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage([w], decay=1.0)
+
+
+def test_with_ema_the_kept_model_is_the_validated_average_not_the_last_weights(tmp_path):
+    pairs = memo_pairs(tiny_model(seed=0))
+    args = dict(epochs=6, batch_size=10, lr=5e-3, encoder_lr=5e-3, patience=0)
+    raw = tiny_model(seed=0)
+    train_generative(raw, pairs, pairs, optim_config(**args), val_config(num_beams=5), nolog, seed=0)
+    vm = tiny_model(seed=0)
+    out = train_generative(vm, pairs, pairs, optim_config(**args, ema=0.9), val_config(num_beams=5), nolog,
+                           Checkpointer(tmp_path / "st"), seed=0)
+    # the kept weights score what selection saw for the best epoch ...
+    assert validate(vm, pairs, val_config(num_beams=5))["recall_mean"] == pytest.approx(out["val_recall_mean"])
+    assert out["val_recall_mean"] == max(h["val_recall_mean"] for h in out["history"])
+    # ... and they are an average, not the weights some training step left
+    state = torch.load(tmp_path / "st" / "last" / "state.pt", weights_only=False)
+    last = state["model"]
+    assert state["ema"]["updates"] == 6 * 2
+    moved = [k for k, v in vm.model.state_dict().items() if k in last and not torch.equal(v, last[k])]
+    assert moved and any(not torch.equal(a, b) for a, b in zip(raw.model.state_dict().values(),
+                                                              vm.model.state_dict().values()))
+
+
 class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path):
-    optim = optim_config(epochs=4, batch_size=8, lr=3e-3, encoder_lr=3e-3, patience=0)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, ema):
+    # with ema the weight average is part of the resume state: a resumed run keeps the same average
+    optim = optim_config(epochs=4, batch_size=8, lr=3e-3, encoder_lr=3e-3, patience=0, ema=ema)
     val = val_config(num_beams=4)
 
     ref = tiny_model(seed=0)
