@@ -79,9 +79,14 @@ def check_methods(methods: list[str]) -> None:
         raise ValueError(f"{unknown} are not recipes of params/methods.yaml (declared: {', '.join(declared)})")
 
 
-def overrides(methods: list[str], name: str, seed: int) -> dict:
-    """Config for one extra split: its own dataset folder, and exactly these recipes (and what they stand on)."""
+def overrides(methods: list[str], name: str, seed: int, own: bool = False) -> dict:
+    """Config for one split: exactly these recipes (and what they stand on) and, for an extra split, its own
+    dataset folder. The configured split (``own``) keeps ``data/<name>/`` and every other value as the main
+    run left them, so its up-to-date steps stay up to date; naming the recipes lets it build ones outside
+    the demo's ``methods.evaluate`` (e.g. the ablation config's discriminative stages)."""
     check_methods(methods)
+    if own:
+        return {"methods": {"evaluate": list(methods)}}
     return {"data": {"name": f"{name}-split{seed}", "split": {"seed": seed}},
             "methods": {"evaluate": list(methods)}}
 
@@ -168,13 +173,10 @@ def main() -> None:
     per_seed, n, seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            if seed == own_seed:
-                # the main run's configuration as it is (overriding anything would rerun its steps)
-                data_dir, cfg_file = f"data/{name}", None
-            else:
-                cfg = overrides(args.methods, name, seed)
-                data_dir, cfg_file = f"data/{cfg['data']['name']}", Path(tmp) / f"split{seed}.yaml"
-                cfg_file.write_text(yaml.safe_dump(cfg))
+            cfg = overrides(args.methods, name, seed, own=seed == own_seed)
+            data_dir = f"data/{name}" if seed == own_seed else f"data/{cfg['data']['name']}"
+            cfg_file = Path(tmp) / f"split{seed}.yaml"
+            cfg_file.write_text(yaml.safe_dump(cfg))
             seconds[seed] = run_split(args.methods, data_dir, cfg_file, args.cores)
             per_seed[seed] = {m: json.loads((ROOT / data_dir / "eval" / f"{m}.json").read_text()) for m in args.methods}
             n[seed] = per_seed[seed]["dense"]["n_queries"]

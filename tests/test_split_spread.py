@@ -33,6 +33,20 @@ def test_extra_split_plans_only_the_asked_methods_in_its_own_folder(tmp_path):
     assert '"seed": 3' in download["cmd"] and '"name": "tuxpaint-split3"' in download["cmd"]
 
 
+def test_configured_split_keeps_its_folder_and_can_build_recipes_outside_the_demo(tmp_path):
+    import split_spread
+
+    work = copy_project(tmp_path / "proj")
+    methods = ["dense", "avg-ix"]            # avg-ix is not in the demo's methods.evaluate
+    cfg = split_spread.overrides(methods, "tuxpaint", 0, own=True)
+    assert cfg == {"methods": {"evaluate": methods}}    # nothing else changes: its up-to-date steps stay so
+    (work / "own.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = snakemake_jobs(work, split_spread.snakemake_args(methods, "data/tuxpaint", work / "own.yaml"))
+    outputs = {o for j in jobs for o in j["output"]}
+    assert "data/tuxpaint/eval/avg-ix.json" in outputs and "data/tuxpaint/checkpoints/avg-ix" in outputs
+    assert all(o.startswith(("data/tuxpaint/", "logs/tuxpaint/")) for o in outputs), outputs
+
+
 def test_summary_ratios_use_each_splits_own_dense():
     import split_spread
 
