@@ -236,9 +236,11 @@ class WeightAverage:
     selected and saved when ``OptimConfig.ema`` > 0: on a few hundred captions the raw weights after each step
     swing with the last batches; their average sits in a flatter region that transfers better to unseen images.
 
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (timm's ModelEmaV2 and
-    TensorFlow's ExponentialMovingAverage do the same), so the first epochs' average is not pinned to the
-    initialisation. Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that one deep-copies the
+    Update ``n`` uses the decay ``min(decay, (n - 1) / n)``: the plain mean of the weights after every step so
+    far until the window ``1 / (1 - decay)`` has filled, the exponential average after, so the first epochs'
+    average is not pinned to the initialisation. (timm's and TensorFlow's ``(1 + n) / (10 + n)`` warm-up stays
+    below 0.99 for the first ~900 updates, i.e. for a whole Tux Paint run: every decay gave the same weights.)
+    Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that one deep-copies the
     whole module (the frozen encoder included) into a second model, while validation, checkpoints and the
     distributed wrapper here all work on ``vm.model``; this keeps one shadow tensor per trainable parameter
     and swaps them in (:meth:`applied`).
@@ -254,7 +256,7 @@ class WeightAverage:
     def update(self) -> None:
         """Fold the current weights in (after each optimiser step)."""
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = min(self.decay, (self.updates - 1) / self.updates)
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1.0 - d)
 
