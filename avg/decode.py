@@ -64,6 +64,60 @@ class Retrieval:
     seconds: float         # wall time of decoding (tokenisation included)
 
 
+class Ensemble:
+    """Several trained models over one identifier table, decoded as one: every beam step ranks the mean of
+    the members' log-probabilities (a product of experts, renormalised over the vocabulary), so the beams
+    are those of one model whose next-token distribution is the members' normalised geometric mean.
+
+    Members differ by their training seed (the NMT habit of ensembling independently trained checkpoints):
+    on a few hundred captions one training's errors are largely its own, and the average cancels part of
+    them. :func:`retrieve` and :func:`beam_search` take an ``Ensemble`` wherever they take a model.
+    """
+
+    def __init__(self, members: Sequence[VokenModel]):
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        spec = members[0].spec
+        for i, m in enumerate(members[1:], 1):
+            if m.spec != spec:
+                raise ValueError(f"ensemble member {i} was trained on other identifiers ({m.spec} vs {spec}): "
+                                 "every member must share the identifier table")
+        self.members = list(members)
+        self.spec = spec
+
+    @property
+    def decoder_start_id(self) -> int:
+        return self.members[0].decoder_start_id
+
+    @property
+    def reads_embedding(self) -> bool:
+        return any(m.reads_embedding for m in self.members)
+
+    @property
+    def training(self) -> bool:
+        return any(m.model.training for m in self.members)
+
+    def eval(self) -> None:
+        for m in self.members:
+            m.model.eval()
+
+    def train(self) -> None:
+        for m in self.members:
+            m.model.train()
+
+    def query_states(self, captions: Sequence[str], queries=None, cache: EncoderCache | None = None):
+        """Each member's decoder inputs (``cache`` is one model's encoder states, so members encode afresh)."""
+        states = [m.query_states(captions, queries if m.reads_embedding else None) for m in self.members]
+        return [h for h, _ in states], [k for _, k in states]
+
+
+def _mode(vm) -> tuple[bool, callable, callable]:
+    """(training?, to-eval, to-train) of a model or an ensemble."""
+    if isinstance(vm, Ensemble):
+        return vm.training, vm.eval, vm.train
+    return vm.model.training, vm.model.eval, vm.model.train
+
+
 @torch.inference_mode()
 def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_beams: int = 10,
              batch_size: int = 64, constrained: bool = True, k: int | None = None, decoder: str = "fast",
@@ -88,10 +142,12 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
     if constrained and trie is None:
         raise ValueError("constrained decoding needs a trie")
     fast = decoder == "fast" and constrained
+    if isinstance(vm, Ensemble) and not fast:
+        raise ValueError("an ensemble decodes through the fast constrained beam search only (decoder: fast)")
     length = vm.spec.length
-    was_training = vm.model.training
+    was_training, to_eval, to_train = _mode(vm)
     if was_training:                 # .eval() walks every module: skip it when already in eval mode
-        vm.model.eval()
+        to_eval()
     n = len(captions)
     values = np.full((n, k), -1, dtype=np.int64)
     scores = np.full((n, k), -np.inf, dtype=np.float64)
@@ -140,7 +196,7 @@ def retrieve(vm: VokenModel, captions: Sequence[str], trie: Trie | None, num_bea
     finally:
         bar.close()
         if was_training:
-            vm.model.train()
+            to_train()
     return Retrieval(values, scores, tokens, time.perf_counter() - t0)
 
 
@@ -162,9 +218,10 @@ def beam_search(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, trie: 
     ``generate``'s and :meth:`VokenModel.sequence_logprobs`. The decoder step itself is
     :class:`avg.lean_decoder.LeanBertDecoder` for the small voken decoder (``lean=False``: the model's
     own forward, as for T5, whose ``past_key_values`` cache is used).
+    With an :class:`Ensemble`, ``hidden`` and ``mask`` are lists (one per member, from its ``query_states``).
     """
-    b, width = hidden.shape[0], num_beams
-    device = hidden.device
+    b, width = mask.shape[0] if torch.is_tensor(mask) else mask[0].shape[0], num_beams
+    device = mask.device if torch.is_tensor(mask) else mask[0].device
     keys, offsets = trie.torch_arrays(device)
     first, nv, base = vm.spec.first_id, vm.spec.n_vokens, trie.base
     length = trie.length
@@ -240,8 +297,25 @@ class _LeanSteps:
         self.dec.reorder(src)
 
 
-def _decoder_steps(vm: VokenModel, hidden: torch.Tensor, mask: torch.Tensor, length: int, lean: bool):
+class _EnsembleSteps:
+    """The members' decoder steps side by side; returns the mean of their log-probabilities (which the
+    caller's log-softmax renormalises) and reorders every member's cache the same way."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.log_softmax(s(inp).float(), dim=-1) for s in self.steps]).mean(0)
+
+    def reorder(self, src: torch.Tensor, width: int) -> None:
+        for s in self.steps:
+            s.reorder(src, width)
+
+
+def _decoder_steps(vm, hidden, mask, length: int, lean: bool):
     from avg.lean_decoder import supports
+    if isinstance(vm, Ensemble):
+        return _EnsembleSteps([_decoder_steps(m, h, k, length, lean) for m, h, k in zip(vm.members, hidden, mask)])
     return _LeanSteps(vm, hidden, mask, length) if lean and supports(vm.model) else _ModelSteps(vm, hidden, mask)
 
 

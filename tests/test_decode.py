@@ -195,3 +195,60 @@ def test_lean_encoder_equals_the_models_own_encoder(vm):
         theirs = vm.encode_states(enc)[0]
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)   # padding positions are never read
+
+
+def _ensemble_brute(members, captions, codes) -> np.ndarray:
+    """[n, len(codes)] score of every identifier under the ensemble's rule, by teacher forcing: at every
+    position the log-softmax of the members' mean log-probabilities, summed over the identifier."""
+    cands = torch.as_tensor(members[0].spec.codes_to_tokens(codes))
+    out = np.zeros((len(captions), len(codes)))
+    with torch.no_grad():
+        for i, c in enumerate(captions):
+            logps = []
+            for m in members:
+                enc = m.tokenize([c] * len(codes))
+                logps.append(torch.log_softmax(m.token_logits(enc, cands).float(), -1))
+            mixed = torch.log_softmax(torch.stack(logps).mean(0), -1)
+            out[i] = mixed.gather(-1, cands[..., None]).squeeze(-1).sum(-1).numpy()
+    return out
+
+
+def test_an_ensemble_of_one_model_with_itself_decodes_as_that_model(vm):
+    from avg.decode import Ensemble
+
+    trie = token_trie(vm, all_codes()[::2])
+    caps = ["a red apple", "dog", "the small blue house"]
+    alone = retrieve(vm, caps, trie, num_beams=6)
+    twice = retrieve(Ensemble([vm, vm]), caps, trie, num_beams=6)
+    assert np.array_equal(alone.values, twice.values)
+    np.testing.assert_allclose(alone.scores, twice.scores, atol=1e-5)
+
+
+def test_an_ensemble_ranks_by_the_mean_of_its_members_log_probabilities():
+    """Two differently seeded models, beams covering the corpus: the ensemble's order and scores are the
+    brute-force ones of the averaged distribution, and differ from either member's own ranking."""
+    from avg.decode import Ensemble
+
+    torch.set_num_threads(1)
+    members = [build_model(model_config(TINY, shared_vokens=False, voken_init="random"), SIZES, seed=s) for s in (11, 12)]
+    for m in members:
+        m.model.eval()
+    rng = np.random.default_rng(1)
+    codes = all_codes()[rng.choice(len(all_codes()), 15, replace=False)]
+    trie = token_trie(members[0], codes)
+    caps = ["a red apple", "the small dog", "lemon tree house"]
+    res = retrieve(Ensemble(members), caps, trie, num_beams=15)
+    brute = _ensemble_brute(members, caps, codes)
+    for i in range(len(caps)):
+        assert np.array_equal(res.values[i], np.argsort(-brute[i], kind="stable"))
+        np.testing.assert_allclose(res.scores[i], np.sort(brute[i])[::-1], rtol=1e-4, atol=1e-4)
+    singles = [retrieve(m, caps, trie, num_beams=15).values for m in members]
+    assert all(not np.array_equal(res.values, s) for s in singles)
+
+
+def test_an_ensemble_over_other_identifiers_is_refused(vm):
+    from avg.decode import Ensemble
+
+    other = build_model(model_config(TINY, shared_vokens=False, voken_init="random"), [5, 4, 7], seed=3)
+    with pytest.raises(ValueError, match="share the identifier table"):
+        Ensemble([vm, other])
