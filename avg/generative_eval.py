@@ -38,6 +38,49 @@ def load_corpus_identifiers(identifiers_tsv: str | Path, images: pd.Series) -> n
     return codes[[row_of[im] for im in images]]
 
 
+def checkpoint_list(checkpoints) -> list[Path]:
+    """``checkpoints`` (one folder, or several: an ensemble's members) as a list of paths."""
+    if checkpoints is None:
+        return []
+    if isinstance(checkpoints, (str, Path)):
+        return [Path(checkpoints)]
+    return [Path(c) for c in checkpoints]
+
+
+def load_decoder(checkpoints, device="cpu"):
+    """The model evaluation decodes with: one checkpoint's :class:`~avg.model.VokenModel`, or several
+    checkpoints over one identifier table as an :class:`~avg.decode.Ensemble` (an ensemble recipe's members)."""
+    from avg.decode import Ensemble
+    from avg.model import VokenModel
+
+    paths = checkpoint_list(checkpoints)
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"checkpoint {path} not found: run `avg train` first")
+    if not paths:
+        raise UserError("generative evaluation needs --checkpoint (a trained recipe's folder, or several for an ensemble)")
+    models = [VokenModel.load(p, device=device) for p in paths]
+    if len(models) == 1:
+        return models[0]
+    try:
+        return Ensemble(models)
+    except ValueError as exc:
+        raise UserError(f"--checkpoint {' '.join(map(str, paths))}: {exc}") from None
+
+
+def describe_decoder(vm, checkpoints) -> dict:
+    """What an eval json records about the model(s): ``checkpoint`` (the first, whose train.json the report
+    follows), ``reads``, and for an ensemble ``ensemble.checkpoints`` (every member's folder)."""
+    paths = [str(p) for p in checkpoint_list(checkpoints)]
+    members = getattr(vm, "members", [vm])
+    reads = sorted({m.config.reads for m in members})
+    out = {"checkpoint": paths[0], "reads": reads[0] if len(reads) == 1 else "+".join(reads)}
+    if len(paths) > 1:
+        out["ensemble"] = {"checkpoints": paths, "n_members": len(paths),
+                           "score": "mean of the members' next-token log-probabilities at every beam step"}
+    return out
+
+
 def _resolve_inputs(features, identifiers_tsv, split: str) -> tuple[list[str], np.ndarray, pd.Series, "featurestore.Features | None"]:
     """(query captions, gold corpus index per caption, corpus image names, the split's features or None) for ``split``."""
     if isinstance(features, pd.DataFrame):
@@ -54,7 +97,7 @@ def _resolve_inputs(features, identifiers_tsv, split: str) -> tuple[list[str], n
     return part.captions["caption"].astype(str).tolist(), part.captions["image_index"].to_numpy(), part.images["image"], part
 
 
-def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path, features, cfg: dict,
+def evaluate_generative(checkpoint_dir, identifiers_tsv: str | Path, features, cfg: dict,
                         log: Callable | None = None, split: str | None = None,
                         embed: Callable | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Recall@K, median rank, latency and QPS of constrained generative retrieval over one split.
@@ -62,7 +105,8 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     ``features``: a :class:`~avg.featurestore.Features` (full or already ``.split(split)``), a feature
     store folder, or a captions DataFrame (caption_id, image, caption, split; the corpus is then the
     split's images in identifier-table order). ``cfg`` is the evaluate params slice (``split``, ``ks``,
-    ``generative: {...}``). Returns ``(metrics, rankings [n_queries, num_beams] of corpus indices
+    ``generative: {...}``). ``checkpoint_dir``: one checkpoint folder, or a list of several over the same
+    identifiers, decoded as one ensemble (:func:`load_decoder`). Returns ``(metrics, rankings [n_queries, num_beams] of corpus indices
     (-1 padded), scores [n_queries, num_beams] beam log-probabilities (-inf padded))``.
 
     Checkpoints that read the query embedding decode the store's caption embeddings for recall, and
@@ -73,16 +117,17 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
 
     from avg.decode import retrieve, token_trie
     from avg.device import resolve_device
-    from avg.model import VokenModel
-
     if "generative" not in cfg:
         raise UserError("generative evaluation needs the evaluate.generative slice of params/evaluate.yaml (num_beams, "
                         "batch_size, latency_queries, max_queries, device, decoder); it is missing from the params given")
     g = cfg["generative"]
     split = split or cfg["split"]
     ks = list(cfg["ks"])      # num_beams >= max(ks) is checked with the params (avg.params.cross_checks)
-    if checkpoint_dir is None or not Path(checkpoint_dir).exists():
-        raise UserError(f"checkpoint {checkpoint_dir} not found: run `avg train` first")
+    if not checkpoint_list(checkpoint_dir):
+        raise UserError("generative evaluation needs --checkpoint: run `avg train` first")
+    for path in checkpoint_list(checkpoint_dir):
+        if not path.exists():
+            raise UserError(f"checkpoint {path} not found: run `avg train` first")
     if identifiers_tsv is None:
         raise UserError("generative evaluation needs --identifiers (the checkpoint's identifier table)")
 
@@ -94,11 +139,14 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     if not captions:
         raise UserError(f"split {split!r} has no captions to evaluate")
     device = resolve_device(g["device"])
-    vm = VokenModel.load(checkpoint_dir, device=device)
+    vm = load_decoder(checkpoint_dir, device=device)
+    if len(checkpoint_list(checkpoint_dir)) > 1 and g["decoder"] != "fast":
+        raise UserError(f"evaluate.generative.decoder is {g['decoder']!r} (params/evaluate.yaml), but an ensemble of "
+                        f"{len(checkpoint_list(checkpoint_dir))} checkpoints decodes through the fast beam search only: set it to fast")
     if not vm.reads_embedding:
         embed = None
     elif part is None:
-        raise UserError(f"{checkpoint_dir} reads the query embedding (reads={vm.config.reads!r}): evaluate it "
+        raise UserError(f"{describe_decoder(vm, checkpoint_dir)['checkpoint']} reads the query embedding: evaluate it "
                         "with a feature store (--features data/<dataset>/features), not a captions table")
     elif embed is None:
         from avg.query_features import query_encoder
@@ -124,7 +172,7 @@ def evaluate_generative(checkpoint_dir: str | Path, identifiers_tsv: str | Path,
     metrics.update({
         **timing, "decoder": g["decoder"], "num_beams": g["num_beams"], "n_corpus": int(len(codes)), "identifier_length": int(codes.shape[1]),
         "trie_build_s": trie_s, "trie_bytes": trie.nbytes, "mean_results_per_query": float(found.mean()),
-        "device": str(device), "checkpoint": str(checkpoint_dir), "reads": vm.config.reads,
+        "device": str(device), **describe_decoder(vm, checkpoint_dir),
         "timing_includes_query_embedding": embed is not None, "decoding": "beam search constrained by a trie over "
         f"the {split} images' identifiers",
     })

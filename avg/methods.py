@@ -9,7 +9,10 @@ A recipe says how one row of the report is made, in one place:
 * ``discriminative``: the learning-to-rank stage continuing the generative recipe ``from`` (its scheme,
   data and overrides, plus its own ``train`` overrides);
 * ``rerank``: the top beams of the trained recipe ``from`` reordered by the dense score;
-* ``fusion``: the same beams ranked by log-probability + beta * dense score, beta chosen on validation.
+* ``fusion``: the same beams ranked by log-probability + beta * dense score, beta chosen on validation;
+* ``ensemble``: the trained recipes ``members`` (one identifier scheme, the same training data: in
+  practice one recipe trained with several ``train.seed``) decoded as one model, each beam step ranking
+  the mean of their log-probabilities (:class:`avg.decode.Ensemble`); rerank and fusion take it as ``from``.
 
 ``methods.evaluate`` lists the recipes the DAG builds and reports, in report order; the recipes they
 stand on come with them. Snakemake (workflow/Snakefile) and workflow/dvc_stages.py derive their rules
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from avg.params import ParamsError
 
 FILE = "params/methods.yaml"
-KINDS = ("dense", "generative", "discriminative", "rerank", "fusion")
+KINDS = ("dense", "generative", "discriminative", "rerank", "fusion", "ensemble")
 TRAINED = ("generative", "discriminative")
 SCHEMES = ("atomic", "kmeans", "rq", "avg")      # avg.identifiers.SCHEMES, in report order
 
@@ -38,6 +41,7 @@ class Recipe:
     pseudo_queries: bool = False         # trained on pseudo-queries (inherited through `from`)
     train: dict = field(default_factory=dict)   # dotted train overrides, inherited ones first
     about: str = ""
+    members: tuple[str, ...] = ()        # ensemble: the trained recipes decoded together
 
     @property
     def trained(self) -> bool:
@@ -47,11 +51,6 @@ class Recipe:
     def uses_dense_score(self) -> bool:
         """Whether the ranking itself reads the dense score (design.md §6 labels such rows)."""
         return self.kind in ("dense", "rerank", "fusion")
-
-    @property
-    def checkpoint_recipe(self) -> str | None:
-        """The trained recipe whose checkpoint this method decodes with (itself, or its source for rerank/fusion)."""
-        return self.name if self.trained else self.source
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,18 @@ class Methods:
 
     def of_kind(self, *kinds: str) -> list[str]:
         return [n for n in self.evaluated if self.recipes[n].kind in kinds]
+
+    def checkpoints(self, name: str) -> list[str]:
+        """The trained recipes whose checkpoints evaluating ``name`` decodes with: itself when trained, an
+        ensemble's members, a rerank's none (it reads rankings only), a fusion's its source's."""
+        r = self.recipes[name]
+        if r.trained:
+            return [name]
+        if r.kind == "ensemble":
+            return list(r.members)
+        if r.kind == "fusion":
+            return self.checkpoints(r.source)
+        return []
 
     @property
     def schemes(self) -> list[str]:
@@ -102,6 +113,8 @@ def load(config: dict) -> Methods:
                            "(or make it kind: discriminative)")
             r = Recipe(name, kind, spec["scheme"], None, bool(spec.get("pseudo_queries", False)),
                        dict(spec.get("train", {})), spec.get("about", ""))
+        elif kind == "ensemble":
+            r = ensemble(name, spec, lambda m: resolve(m, trail + (name,)))
         else:
             src = spec.get("from")
             if src not in declared:
@@ -109,7 +122,7 @@ def load(config: dict) -> Methods:
             if "scheme" in spec or "pseudo_queries" in spec:
                 raise _bad(f"methods.recipes.{name}: scheme and pseudo_queries come from `from` ({src}); drop them here")
             base = resolve(src, trail + (name,))
-            want = ("generative",) if kind == "discriminative" else TRAINED
+            want = ("generative",) if kind == "discriminative" else TRAINED + ("ensemble",)
             if base.kind not in want:
                 raise _bad(f"methods.recipes.{name}: kind {kind} continues a {' or '.join(want)} recipe, but {src} is {base.kind}")
             if kind != "discriminative" and spec.get("train"):
@@ -131,8 +144,8 @@ def load(config: dict) -> Methods:
     def add(name: str) -> None:
         if name in evaluated:
             return
-        if resolved[name].source:
-            add(resolved[name].source)
+        for dep in ([resolved[name].source] if resolved[name].source else []) + list(resolved[name].members):
+            add(dep)
         evaluated.append(name)
 
     for name in wanted:
@@ -141,6 +154,35 @@ def load(config: dict) -> Methods:
         if resolved[name].trained and "train" in config:
             train_config(config, resolved[name])
     return Methods(resolved, evaluated)
+
+
+def ensemble(name: str, spec: dict, resolve) -> Recipe:
+    """An ensemble recipe from its declaration; ``resolve(member)`` resolves a member recipe."""
+    where = f"methods.recipes.{name}"
+    if extra := sorted(set(spec) & {"from", "scheme", "pseudo_queries", "train"}):
+        raise _bad(f"{where}: an ensemble trains nothing and takes scheme and data from its `members`; drop {extra}")
+    names = spec.get("members")
+    if not isinstance(names, list) or len(names) < 2 or len(set(names)) != len(names):
+        raise _bad(f"{where}: an ensemble lists `members`, two or more distinct trained recipes (got {names!r})")
+    members = []
+    for n in names:
+        try:
+            members.append(resolve(n))
+        except KeyError:
+            raise _bad(f"{where}.members: {n!r} is not a declared recipe") from None
+    if bad := [m.name for m in members if not m.trained]:
+        raise _bad(f"{where}.members: {bad} train nothing; an ensemble decodes generative or discriminative recipes")
+    first = members[0]
+    for m in members[1:]:
+        if m.scheme != first.scheme:
+            raise _bad(f"{where}.members: {m.name} decodes {m.scheme} identifiers, {first.name} {first.scheme}: the "
+                       "members share one identifier table (the beams run over one trie)")
+        if (m.pseudo_queries, learned_from(m)) != (first.pseudo_queries, learned_from(first)):
+            raise _bad(f"{where}.members: {m.name} learned from {learned_from(m)}, {first.name} from "
+                       f"{learned_from(first)}: the row's label must hold for every member")
+    # the first member's overrides stand for what the row learned from (indexing), as the members agree on it
+    return Recipe(name, "ensemble", first.scheme, None, first.pseudo_queries, dict(first.train),
+                  spec.get("about", ""), tuple(names))
 
 
 def set_dotted(cfg: dict, dotted: str, value, where: str, what: str = "params/train.yaml's train slice") -> None:

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", type=Path, default=Path("data"), help="root of the data folders (default data)")
     p.add_argument("--scheme", default="avg", help="recipe (checkpoint) name for the default paths, e.g. avg, avg-gen, avg-ix-pq "
                    "(the identifier table of the scheme its train.json names is used; default avg)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default <data-root>/<dataset>/checkpoints/<scheme>)")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=None,
+                   help="checkpoint folder (default <data-root>/<dataset>/checkpoints/<scheme>); several over one identifier "
+                        "table (an ensemble recipe's members) are decoded as one model")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table (default <data-root>/<dataset>/identifiers/<scheme>.tsv)")
     p.add_argument("--images-root", type=Path, default=None, help="folder the table's image paths are relative to (default <data-root>/<dataset>/raw)")
     p.add_argument("--split", default="all", help="search only images of this split (train, val, test) or all (default)")
@@ -64,32 +66,35 @@ def check_query(query, max_chars: int = MAX_CHARS) -> str:
     return " ".join(q.split())
 
 
-def _paths(args) -> tuple[Path, Path, Path]:
+def _paths(args) -> tuple[list[Path], Path, Path]:
     base = Path(args.data_root) / args.dataset
-    checkpoint = args.checkpoint or base / "checkpoints" / args.scheme
+    checkpoints = list(args.checkpoint or [base / "checkpoints" / args.scheme])
     # a recipe's checkpoint (avg-pq, kmeans-gen, ...) searches its scheme's identifiers: train.json says which
     scheme = args.scheme
-    record = Path(checkpoint) / "train.json"
+    record = Path(checkpoints[0]) / "train.json"
     if record.is_file():
         try:
             scheme = json.loads(record.read_text()).get("scheme") or scheme
         except (json.JSONDecodeError, OSError):
             pass
-    return (checkpoint,
+    return (checkpoints,
             args.identifiers or base / "identifiers" / f"{scheme}.tsv",
             args.images_root or base / "raw")
 
 
-def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k: int = 5, beams: int = 10,
+def search(query: str, checkpoint, identifiers: Path, images_root: Path, k: int = 5, beams: int = 10,
            split: str = "all", device: str = "cpu", rerank: int = 0, features: Path | None = None) -> list[dict]:
     """Top-``k`` images for ``query``: dicts with rank, image, path, identifier, score (best first).
+
+    ``checkpoint``: a checkpoint folder, or a list of several over one identifier table, decoded as one
+    ensemble (:func:`avg.generative_eval.load_decoder`).
 
     ``rerank > 0``: the top ``rerank`` candidates are reordered by the inner product of the query and image
     embeddings of the feature store ``features`` (each result then also has ``rerank_score``).
     """
     from avg.decode import retrieve, token_trie
     from avg.device import resolve_device
-    from avg.model import VokenModel
+    from avg.generative_eval import load_decoder
     from avg.trie import read_identifiers
 
     table, codes, _, _ = read_identifiers(identifiers)
@@ -98,7 +103,7 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
         table, codes = table[keep].reset_index(drop=True), codes[keep]
     if len(table) == 0:
         return []
-    vm = VokenModel.load(checkpoint, device=resolve_device(device))
+    vm = load_decoder(checkpoint, device=resolve_device(device))
     if vm.spec.length != codes.shape[1]:
         raise QueryError(f"{checkpoint} generates identifiers of length {vm.spec.length}, but {identifiers} holds "
                          f"length {codes.shape[1]}: pass the identifier table of the checkpoint's scheme")
@@ -106,7 +111,7 @@ def search(query: str, checkpoint: Path, identifiers: Path, images_root: Path, k
     depth = max(k, rerank)
     q = None
     if vm.reads_embedding:   # the decoder reads the query's embedding: made as the features step made captions'
-        q = _embed(query, features, device, why=f"{checkpoint} reads the query embedding (reads={vm.config.reads!r})")
+        q = _embed(query, features, device, why=f"{checkpoint} reads the query embedding")
     res = retrieve(vm, [query], trie, num_beams=max(beams, depth), batch_size=1, k=depth, queries=q)
     rows, scores = res.values[0], res.scores[0]
     extra = None
@@ -185,9 +190,11 @@ def main(args) -> int:
         return fail(f"--k must be at least 1 (got {args.k})")
     if args.beams < 1:
         return fail(f"--beams must be at least 1 (got {args.beams})")
-    checkpoint, identifiers, images_root = _paths(args)
-    if not (Path(checkpoint) / "avg_vokens.json").exists():
-        return fail(f"no trained checkpoint at {checkpoint}: run `avg train` (or pass --checkpoint DIR)")
+    checkpoints, identifiers, images_root = _paths(args)
+    for path in checkpoints:
+        if not (Path(path) / "avg_vokens.json").exists():
+            return fail(f"no trained checkpoint at {path}: run `avg train` (or pass --checkpoint DIR)")
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     if Path(identifiers).is_dir():
         return fail(f"{identifiers} is a folder, not an identifier table: pass --identifiers "
                     "data/<dataset>/identifiers/<scheme>.tsv")
@@ -205,7 +212,7 @@ def main(args) -> int:
     except (QueryError, ValueError, UserError) as exc:     # a corrupt checkpoint: VokenModel.load names the file
         return fail(str(exc))
     if args.json:
-        print(json.dumps({"query": query, "k": args.k, "checkpoint": str(checkpoint), "identifiers": str(identifiers),
+        print(json.dumps({"query": query, "k": args.k, "checkpoint": " ".join(map(str, checkpoints)), "identifiers": str(identifiers),
                           "results": results}, indent=2))
         return 0
     if not results:

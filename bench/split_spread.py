@@ -34,7 +34,8 @@ from avg import safe_io, params  # noqa: E402
 from avg.report.format import fmt_mean_sd, fmt_yes_no  # noqa: E402
 from avg import methods as recipes  # noqa: E402
 
-DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-pq-gen", "avg-ix-pq-gen-fu"]
+DEFAULT_METHODS = ["dense", "avg-gen", "avg", "avg-rr", "avg-ix-gen", "avg-ix-gen-x3", "avg-ix-pq-gen", "avg-ix-pq-gen-x3",
+                   "avg-ix-pq-gen-fu", "avg-ix-pq-gen-x3-fu"]
 KS = ("recall@1", "recall@5", "recall@10")
 
 

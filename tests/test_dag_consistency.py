@@ -93,14 +93,23 @@ def normalise_cmd(cmd: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("dataset", ["tuxpaint", "other"])
-def test_snakemake_and_dvc_agree(tmp_path, dataset):
+@pytest.mark.parametrize("dataset, ensemble", [("tuxpaint", False), ("other", True)])
+def test_snakemake_and_dvc_agree(tmp_path, dataset, ensemble):
     work = copy_project(tmp_path)
     # another dataset name moves every path: both front doors must follow it
     (work / "params" / "data.yaml").write_text((work / "params" / "data.yaml").read_text()
                                                 .replace("name: tuxpaint", f"name: {dataset}"))
+    if ensemble:      # an ensemble and its fusion: several checkpoints into one evaluation, in both tools
+        text = (work / "params" / "methods.yaml").read_text()
+        (work / "params" / "methods.yaml").write_text(text.replace("avg-ix-pq-gen-fu]", "avg-ix-pq-gen-fu, avg-ix-gen-x3,\n"
+                                                                   "             avg-ix-pq-gen-x3-fu]"))
+        sys.path.insert(0, str(REPO / "workflow"))
+        import dvc_stages as renderer
+
+        assert renderer.main(["--root", str(work)]) == 0
     jobs, stages = snakemake_jobs(work), dvc_stages(work)
     assert any(f"data/{dataset}/" in o for j in jobs for o in j["output"])
+    assert ("evaluate_avg-ix-pq-gen-x3-fu" in stages) == ensemble
     by_outputs = {frozenset(st["outs"]): name for name, st in stages.items()}
     assert len(jobs) == len(stages), (sorted(j["rule"] for j in jobs), sorted(stages))
     for job in jobs:
@@ -142,7 +151,7 @@ def test_render_follows_the_recipes(tmp_path):
     doc["methods"]["recipes"].update({
         "kmeans-pq-gen": {"kind": "generative", "scheme": "kmeans", "pseudo_queries": True},
         "kmeans-pq": {"kind": "discriminative", "from": "kmeans-pq-gen", "train": {"discriminative.lr": 0.0002}}})
-    doc["methods"]["evaluate"] = ["dense", "kmeans-gen", "kmeans-pq", "avg-rr", "avg-ix-pq-fu"]
+    doc["methods"]["evaluate"] = ["dense", "kmeans-gen", "kmeans-pq", "avg-rr", "avg-ix-pq-fu", "avg-ix-pq-gen-x3-fu"]
     (tmp_path / "params" / "methods.yaml").write_text(yaml.safe_dump(doc))
     stages = dvc_stages.render(tmp_path / "params")["stages"]
     assert "tokenizer_avg" in stages and "tokenizer_rq" not in stages and "identifiers_atomic" not in stages
@@ -170,6 +179,12 @@ def test_render_follows_the_recipes(tmp_path):
     fu = stages["evaluate_avg-ix-pq-fu"]
     assert "--fusion data/${data.name}/eval/avg-ix-pq.json" in fu["cmd"] and "data/${data.name}/checkpoints/avg-ix-pq" in fu["deps"]
     assert "data/${data.name}/eval/avg-ix-pq-fu.json" in stages["report"]["deps"]
+    # an ensemble: its members trained and evaluated, and decoded together by it and by its fusion
+    members = [f"data/${{data.name}}/checkpoints/avg-ix-pq-gen{s}" for s in ("", "-s1", "-s2")]
+    for name in ("evaluate_avg-ix-pq-gen-x3", "evaluate_avg-ix-pq-gen-x3-fu"):
+        assert f"--checkpoint {' '.join(members)} " in stages[name]["cmd"] and set(members) <= set(stages[name]["deps"]), name
+    assert "train_generative_avg-ix-pq-gen-s2" in stages and "evaluate_avg-ix-pq-gen-s2" in stages
+    assert "train_generative_avg-ix-pq-gen-x3" not in stages
     # bad recipes: a clear error naming the file and the fix, not a broken DAG
     for change, message in (({"evaluate": ["dense", "avg-xx"]}, "methods.evaluate names.*avg-xx"),
                             ({"recipes": {**doc["methods"]["recipes"], "avg-rr": {"kind": "rerank", "from": "nope"}}},

@@ -91,3 +91,55 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
         step.run(cfg={k: v for k, v in cfg.items() if k != "fusion"}, log=nolog, run_id="x", **args)
     with pytest.raises(UserError, match="pass one"):
         step.run(cfg=cfg, log=nolog, run_id="x", **{**args, "rerank": ev / "gen.json"})
+
+
+def test_an_ensemble_recipe_decodes_its_members_as_one_and_its_fusion_takes_them_all(tmp_path):
+    """evaluate --checkpoint a b: the rankings are the Ensemble's beams (not either member's), the eval json
+    names every member, and a fusion of the ensemble chooses beta on val with the same ensemble."""
+    import torch
+
+    from avg.decode import Ensemble, retrieve, token_trie
+    from avg.errors import UserError
+    from avg.generative_eval import load_corpus_identifiers
+    from avg.model import VokenModel
+    from avg.steps import evaluate as step
+    from avg.steps import train as train_step
+    from tests.test_training import nolog, step_cfg, write_synthetic
+
+    features, ids = write_synthetic(tmp_path)
+    ckpts = []
+    for seed in (0, 1):
+        cfg = step_cfg(epochs=2)
+        cfg["seed"] = seed
+        train_step.run(cfg=cfg, log=nolog, run_id=f"train/{seed}", features=features, identifiers=ids, codebook=None,
+                       stage="generative", init_from=None, out=tmp_path / f"ckpt{seed}", state_dir=None)
+        ckpts.append(tmp_path / f"ckpt{seed}")
+    cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 2, "batch_size": 4,
+           "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
+                          "decoder": "fast"}, "fusion": {"betas": [0, 1, 10]}}
+    ev = tmp_path / "eval"
+    common = dict(features=features, out=ev, identifiers=ids, rerank=None)
+    m = step.run(cfg=cfg, log=nolog, run_id="evaluate/1", method="x2", checkpoint=ckpts, fusion=None, **common)
+    assert m["ensemble"]["checkpoints"] == [str(c) for c in ckpts] and m["ensemble"]["n_members"] == 2
+    assert m["checkpoint"] == str(ckpts[0])
+    test = featurestore.load(features).split("test")
+    models = [VokenModel.load(c) for c in ckpts]
+    trie = token_trie(models[0], load_corpus_identifiers(ids, test.images["image"]), np.arange(len(test.images)))
+    caps = test.captions["caption"].astype(str).tolist()
+    with torch.inference_mode():
+        want = retrieve(Ensemble(models), caps, trie, num_beams=6, batch_size=4, queries=test.text)
+        alone = [retrieve(vm, caps, trie, num_beams=6, batch_size=4, queries=test.text) for vm in models]
+    from avg import rankings as ranking_files
+
+    names = test.images["image"].to_numpy()
+    got = ranking_files.read(ev / "x2.rankings.jsonl")["ranked"].tolist()
+    assert got == [[names[r] for r in row if r >= 0] for row in want.values]
+    assert not all(np.array_equal(want.scores, a.scores) for a in alone)      # the ensemble's own scores
+    fu = step.run(cfg=cfg, log=nolog, run_id="evaluate/2", method="x2-fu", checkpoint=ckpts, fusion=ev / "x2.json", **common)
+    assert fu["fusion"]["from"] == "x2" and fu["ensemble"]["checkpoints"] == [str(c) for c in ckpts]
+    # the slow reference decoder cannot run an ensemble: said in terms of the params key
+    with pytest.raises(UserError, match="evaluate.generative.decoder is 'generate'.*set it to fast"):
+        step.run(cfg={**cfg, "generative": {**cfg["generative"], "decoder": "generate"}}, log=nolog, run_id="x",
+                 method="x2", checkpoint=ckpts, fusion=None, **common)
+    with pytest.raises(UserError, match="not found: run `avg train` first"):
+        step.run(cfg=cfg, log=nolog, run_id="x", method="x2", checkpoint=[ckpts[0], tmp_path / "nope"], fusion=None, **common)

@@ -24,12 +24,47 @@ def test_the_shipped_recipes_resolve_and_inherit_through_from():
     assert ix.kind == "discriminative" and ix.source == "avg-ix-pq-gen" and ix.scheme == "avg" and ix.pseudo_queries
     assert ix.train == m["avg-ix-pq-gen"].train and ix.train["indexing"] is True
     assert recipes.chain_names(m, "avg-ix-pq") == ["avg-ix-pq-gen", "avg-ix-pq"]
-    assert m["avg-ix-pq-fu"].uses_dense_score and m["avg-ix-pq-fu"].checkpoint_recipe == "avg-ix-pq"
+    assert m["avg-ix-pq-fu"].uses_dense_score and m.checkpoints("avg-ix-pq-fu") == ["avg-ix-pq"]
     assert recipes.learned_from(ix) == "train captions + corpus images (indexing) + pseudo-queries"
     # every source of an evaluated recipe comes before it
     for name in m.evaluated:
         if m[name].source:
             assert m.evaluated.index(m[name].source) < m.evaluated.index(name), name
+
+
+def test_an_ensemble_decodes_its_members_which_come_along_trained_and_labelled():
+    cfg = config()
+    cfg["methods"]["evaluate"] = ["dense", "avg-ix-pq-gen-x3-fu"]
+    m = recipes.load(cfg)
+    # the members are trained (and evaluated) before the ensemble; the fusion decodes with all of them
+    assert m.evaluated == ["dense", "avg-ix-pq-gen", "avg-ix-pq-gen-s1", "avg-ix-pq-gen-s2", "avg-ix-pq-gen-x3",
+                           "avg-ix-pq-gen-x3-fu"]
+    assert m.checkpoints("avg-ix-pq-gen-x3") == m.checkpoints("avg-ix-pq-gen-x3-fu") == list(m["avg-ix-pq-gen-x3"].members)
+    x3 = m["avg-ix-pq-gen-x3"]
+    assert x3.scheme == "avg" and x3.pseudo_queries and not x3.uses_dense_score and not x3.trained
+    assert recipes.learned_from(x3) == recipes.learned_from(m["avg-ix-pq-gen"])
+    # the members differ by their seed only (YAML anchors keep them the recipe they copy)
+    base, s1 = recipes.train_config(cfg, "avg-ix-pq-gen"), recipes.train_config(cfg, "avg-ix-pq-gen-s1")
+    assert s1["seed"] == base["seed"] + 1 and {**s1, "seed": base["seed"]} == base
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"kind": "ensemble", "members": ["avg-gen"]}, "two or more distinct trained recipes"),
+    ({"kind": "ensemble", "members": ["avg-gen", "avg-rr"]}, r"\['avg-rr'\] train nothing"),
+    ({"kind": "ensemble", "members": ["avg-gen", "kmeans-gen"]}, "share one identifier table"),
+    ({"kind": "ensemble", "members": ["avg-gen", "avg-pq-gen"]}, "label must hold for every member"),
+    ({"kind": "ensemble", "members": ["avg-gen", "nope"]}, "'nope' is not a declared recipe"),
+    ({"kind": "ensemble", "from": "avg-gen", "members": ["avg-gen", "avg"]}, r"drop \['from'\]"),
+])
+def test_bad_ensembles_are_refused_naming_the_fix(spec, message):
+    cfg = config()
+    cfg["methods"]["recipes"]["bad-x"] = spec
+    with pytest.raises(params.ParamsError, match=f"methods.recipes.bad-x.*{message}"):
+        recipes.load(cfg)
+    # a discriminative stage cannot continue an ensemble (there is no one checkpoint to continue)
+    cfg["methods"]["recipes"]["bad-x"] = {"kind": "discriminative", "from": "avg-ix-gen-x3"}
+    with pytest.raises(params.ParamsError, match="continues a generative recipe, but avg-ix-gen-x3 is ensemble"):
+        recipes.load(cfg)
 
 
 def test_train_config_applies_overrides_and_keeps_pseudo_queries_only_where_used():

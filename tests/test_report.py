@@ -379,6 +379,25 @@ def test_pseudo_query_rows_are_labelled_in_every_table(tmp_path, fast_figures):
     assert metrics["methods"]["avg-gen"]["pseudo_queries"] is False
 
 
+def test_an_ensemble_row_is_traced_through_every_members_training(tmp_path):
+    """An ensemble's eval json names its members' checkpoints: the row learned from what they learned from,
+    its train time is all of theirs, each member's run is listed, and its ranking says it is an ensemble."""
+    members = []
+    for i, secs in enumerate((10.0, 12.5, 20.0)):
+        ck = tmp_path / f"m{i}"
+        _write(ck / "train.json", {"stage": "generative", "seconds": secs, "indexing": True, "reads": "both",
+                                   "sacred_run_id": f"train/{i + 1}", "scheme": "avg"})
+        members.append(str(ck))
+    ev = _write(tmp_path / "eval" / "x3.json", {"method": "x3", "checkpoint": members[0], "recall@1": 0.3,
+                                              "ensemble": {"checkpoints": members, "n_members": 3, "score": "mean"}})
+    r = step.trace_method(ev, {})
+    assert r.learned_from == "train captions + corpus images (indexing)" and not r.uses_dense_score
+    assert "an ensemble of 3 trainings decoded as one" in r.ranking and "reads caption + query embedding" in r.ranking
+    assert step.training_time(r, {})[0] == 42.5
+    assert {"train/1", "train/2", "train/3"} <= {run for run, _ in step.method_runs(r)}
+    assert any("an ensemble of 3 checkpoints" in n for n in r.notes)
+
+
 def test_published_numbers_are_separate_and_sourced(tmp_path, fast_figures):
     fx = build_fixture(tmp_path)
     out = run_report(fx, {"published": "flickr30k", "n_examples": 1})

@@ -69,6 +69,39 @@ def test_split_restricts_the_searched_images_and_k_beyond_beams_is_served(datase
     assert rc == 0 and len(results) == 3 and {r["split"] for r in results} == {"test"}
 
 
+def test_several_checkpoints_search_as_one_ensemble(dataset, tmp_path, capsys):
+    """--checkpoint a b: the scores are the ensemble's (mean log-probability per step), not either model's;
+    a checkpoint of other identifiers is refused by name."""
+    import torch
+
+    root, table = dataset
+    other = tmp_path / "other"
+    vm = build_model(model_config(TINY), [5, 5, 5])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                  # another training's weights: the same shapes, other values
+        for p in vm.model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    vm.save(other)
+    first = root / "toy" / "checkpoints" / "avg"
+    def run(*ckpts):
+        rc = search.main(parse(["red circle", "--k", "12", "--data-root", str(root), "--dataset", "toy", "--json",
+                                "--checkpoint", *map(str, ckpts)]))
+        assert rc == 0
+        return {r["image"]: r["score"] for r in json.loads(capsys.readouterr().out)["results"]}
+    a, b, both = run(first), run(other), run(first, other)
+    assert set(both) == set(a) == set(table["image"])          # k = the whole corpus: every image, each scored once
+    # a model with itself is that model; two different models give the ensemble's own scores, lying between
+    # theirs on the whole (the exact per-step arithmetic: tests/test_decode.py)
+    same = run(first, first)
+    assert all(abs(same[im] - a[im]) < 1e-4 for im in a)
+    assert any(abs(a[im] - b[im]) > 1e-3 for im in a)
+    assert any(abs(both[im] - a[im]) > 1e-3 for im in a) and any(abs(both[im] - b[im]) > 1e-3 for im in a)
+    build_model(model_config(TINY), [5, 5, 6]).save(tmp_path / "wrong")
+    rc = search.main(parse(["red circle", "--data-root", str(root), "--dataset", "toy",
+                            "--checkpoint", str(first), str(tmp_path / "wrong")]))
+    assert rc == 2 and "share the identifier table" in capsys.readouterr().err
+
+
 def test_plain_output_through_the_cli(dataset, capsys):
     from avg import cli
 

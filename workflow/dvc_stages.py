@@ -104,16 +104,18 @@ def render(params_dir: Path) -> dict:
             if r.kind == "rerank":
                 cmd, deps, par = f"{base} --rerank {src}.json", ["avg/rerank.py"], eval_params("rerank")
             else:
-                cmd = f"{base} --fusion {src}.json --checkpoint {D}/checkpoints/{r.source} --identifiers {ids}"
-                deps, par = [f"{D}/checkpoints/{r.source}", ids, "avg/fusion.py", *EVAL_CODE], eval_params("fusion", "generative")
+                ckpts = [f"{D}/checkpoints/{c}" for c in m.checkpoints(name)]
+                cmd = f"{base} --fusion {src}.json --checkpoint {' '.join(ckpts)} --identifiers {ids}"
+                deps, par = [*ckpts, ids, "avg/fusion.py", *EVAL_CODE], eval_params("fusion", "generative")
             stages[f"evaluate_{name}"] = stage(
                 cmd, [f"{D}/features", f"{src}.json", f"{src}.rankings.jsonl", *dict.fromkeys(
                     ["avg/steps/evaluate.py", *deps, "avg/metrics.py"])],
                 par, [f"{D}/eval/{name}.rankings.jsonl"], [f"{D}/eval/{name}.json"])
             continue
+        ckpts = [f"{D}/checkpoints/{c}" for c in m.checkpoints(name)]     # an ensemble: its members'
         stages[f"evaluate_{name}"] = stage(
-            f"{base} --checkpoint {D}/checkpoints/{name} --identifiers {ids}",
-            [f"{D}/features", f"{D}/checkpoints/{name}", ids, *EVAL_CODE],
+            f"{base} --checkpoint {' '.join(ckpts)} --identifiers {ids}",
+            [f"{D}/features", *ckpts, ids, *EVAL_CODE],
             eval_params("generative"), [f"{D}/eval/{name}.rankings.jsonl"], [f"{D}/eval/{name}.json"])
     stages["report"] = report_stage(m.evaluated, m.schemes)
     return {"vars": ["params/data.yaml"], "stages": stages, "plots": PLOTS}

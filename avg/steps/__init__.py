@@ -26,5 +26,12 @@ def params_as_given(cfg: dict, **flags) -> tuple[dict, dict]:
 
 
 def path_flags(**flags) -> dict:
-    """``sacred_paths`` of a step that records every path it was given (the ``--params`` file included), as strings."""
-    return {k: str(v) for k, v in flags.items() if isinstance(v, Path)}
+    """``sacred_paths`` of a step that records every path it was given (the ``--params`` file included), as
+    strings; a flag given several paths (evaluate's ensemble ``--checkpoint``) as a list of them."""
+    out = {}
+    for k, v in flags.items():
+        if isinstance(v, Path):
+            out[k] = str(v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(p, Path) for p in v):
+            out[k] = str(v[0]) if len(v) == 1 else [str(p) for p in v]
+    return out

@@ -5,7 +5,8 @@ uses, through the index ``evaluate.dense.index`` names (:mod:`avg.dense_index`: 
 by default, or faiss ``flat``, ``ivf``, ``hnsw``; an approximate one also reports its recall@10 against
 exact search). Its ``latency_ms`` / ``qps`` are search only (the query embedding given);
 ``latency_ms_end_to_end_*`` add embedding the query text the way the features step did.
-``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers.
+``--checkpoint`` evaluates a generative model: beam search constrained to the corpus's identifiers;
+several checkpoints (an ``ensemble`` recipe's members) are decoded as one model (:class:`avg.decode.Ensemble`).
 ``--rerank <eval json of a generative method>`` reorders that method's top ``evaluate.rerank.depth``
 images by the feature inner product (:mod:`avg.rerank`); its latency is the generative method's plus the
 rerank's, measured here. ``--fusion <eval json of a trained method>`` (with that method's ``--checkpoint``
@@ -38,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=Path, required=True, help="feature store folder")
     p.add_argument("--out", type=Path, required=True, help="evaluation folder, e.g. data/tuxpaint/eval")
     p.add_argument("--method", required=True, help="name of the evaluated method (dense, or a checkpoint's name)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="generative checkpoint folder (omit for dense)")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=None,
+                   help="generative checkpoint folder (omit for dense); several over one identifier table are "
+                        "decoded as one ensemble (an ensemble recipe's members)")
     p.add_argument("--identifiers", type=Path, default=None, help="identifier table of the checkpoint's scheme")
     p.add_argument("--rerank", type=Path, default=None,
                    help="eval json of a generative method (its .rankings.jsonl beside it) whose candidates to rerank")
@@ -102,7 +105,7 @@ def chained_timing(source: dict, own: dict) -> dict:
             "latency_ms_p95": (source.get("latency_ms_p95") or 0.0) + own["latency_ms_p95"],
             "qps": 1.0 / (1.0 / src_qps + own_s), "timing_batch_size": source.get("timing_batch_size"),
             "checkpoint": source.get("checkpoint"), "identifiers": source.get("identifiers"),
-            "scheme": source.get("scheme")}
+            "scheme": source.get("scheme"), **({"ensemble": source["ensemble"]} if "ensemble" in source else {})}
 
 
 def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag: str
@@ -139,20 +142,20 @@ def read_source(source_json: Path, feats: featurestore.Features, cfg: dict, flag
     return source, candidates, scores
 
 
-def evaluate_fused(source_json: Path, checkpoint: Path, identifiers: Path, store: featurestore.Features,
+def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: featurestore.Features,
                    cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
-    """``source_json``'s beams ranked by log-probability + beta * inner product; beta chosen on val."""
+    """``source_json``'s beams ranked by log-probability + beta * inner product; beta chosen on val.
+    ``checkpoint``: the source's folder, or its members' folders when the source is an ensemble."""
     import torch
 
     from avg import fusion
     from avg.decode import retrieve, token_trie
-    from avg.generative_eval import load_corpus_identifiers
-    from avg.model import VokenModel
+    from avg.generative_eval import checkpoint_list, load_corpus_identifiers, load_decoder
 
     if "fusion" not in cfg:
         raise UserError("--fusion needs the evaluate.fusion slice of params/evaluate.yaml (betas); it is missing "
                         "from the params given")
-    if checkpoint is None or identifiers is None:
+    if not checkpoint_list(checkpoint) or identifiers is None:
         raise UserError("--fusion chooses beta on the val split with the source's model: pass its --checkpoint and --identifiers")
     test = store.split(cfg["split"])
     source, candidates, logp = read_source(source_json, test, cfg, "--fusion")
@@ -163,7 +166,7 @@ def evaluate_fused(source_json: Path, checkpoint: Path, identifiers: Path, store
     val = store.split("val")
     if len(val.captions) == 0:
         raise UserError("--fusion chooses beta on the val split, which has no captions")
-    vm = VokenModel.load(checkpoint)
+    vm = load_decoder(checkpoint)
     beams = int(source.get("num_beams") or cfg["generative"]["num_beams"])
     trie = token_trie(vm, load_corpus_identifiers(identifiers, val.images["image"]), np.arange(len(val.images)))
     with torch.inference_mode():
@@ -221,7 +224,7 @@ resolve_params = params_as_given
 sacred_paths = path_flags
 
 
-def run(*, cfg: dict, log, run_id: str, features: Path, out: Path, method: str, checkpoint: Path | None = None,
+def run(*, cfg: dict, log, run_id: str, features: Path, out: Path, method: str, checkpoint=None,
         identifiers: Path | None = None, rerank: Path | None = None, fusion: Path | None = None) -> dict:
     # depth, num_beams and rerank depth against evaluate.ks: checked with the params (avg.params.cross_checks)
     store = featurestore.load(features)

@@ -99,6 +99,17 @@ def train_chain(checkpoint: str | None, notes: list[str]) -> list[dict]:
     return chain[::-1]
 
 
+def trained_stages(metrics: dict, notes: list[str]) -> list[dict]:
+    """train.json chain behind an eval json: its checkpoint's, or for an ensemble every member's, one member
+    after another (the train time then sums them all, and each member's runs are listed)."""
+    ens = metrics.get("ensemble")
+    if isinstance(ens, dict) and ens.get("checkpoints"):
+        notes.append(f"an ensemble of {len(ens['checkpoints'])} checkpoints decoded as one ({ens.get('score')}): "
+                     + ", ".join(Path(c).name for c in ens["checkpoints"]))
+        return [st for c in ens["checkpoints"] for st in train_chain(c, notes)]
+    return train_chain(metrics.get("checkpoint"), notes) if metrics.get("checkpoint") else []
+
+
 def pseudo_queries_of(stages: list[dict]) -> R.Leakage:
     """What pseudo-queries (text written for val/test images) the checkpoint's training stages learned from:
     the ``pseudo_queries`` record the train step writes into train.json (:func:`avg.pseudo_queries.describe`).
@@ -210,7 +221,7 @@ def trace_method(eval_path: Path, schemes: dict[str, dict]) -> R.MethodResult:
     if isinstance(fu, dict):
         r.notes.append(f"retrieve, then fuse: {fu.get('from')}'s beams ranked by {fu.get('score')}, beta = "
                        f"{R.fmt_number(fu.get('beta'))} chosen on {fu.get('chosen_on')} ({fu.get('n_val_queries')} captions)")
-    r.train_stages = train_chain(metrics.get("checkpoint"), r.notes) if metrics.get("checkpoint") else []
+    r.train_stages = trained_stages(metrics, r.notes)
     last = r.train_stages[-1] if r.train_stages else {}
     r.learned_from, r.ranking, r.uses_dense_score = provenance(metrics, r.train_stages)
     ident_table = metrics.get("identifiers")
@@ -247,6 +258,9 @@ def provenance(metrics: dict, stages: list[dict]) -> tuple[str, str, bool]:
         rank, dense = f"generative, top {metrics['rerank'].get('depth')} reranked by dense score", True
     else:
         rank, dense = "generative (no dense score)", False
+    ens = metrics.get("ensemble")
+    if isinstance(ens, dict) and ens.get("n_members"):
+        rank += f"; an ensemble of {ens['n_members']} trainings decoded as one"
     return learned, f"{rank}; {reads}" if reads else rank, dense
 
 

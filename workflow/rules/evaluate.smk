@@ -20,16 +20,17 @@ rule evaluate_dense:
 
 
 rule evaluate_generative:
-    """A trained recipe: constrained beam search over the evaluated split's identifiers, mapped back to images."""
+    """A trained recipe (or an ensemble of several, decoded as one): constrained beam search over the evaluated
+    split's identifiers, mapped back to images."""
     input:
         features=f"{DATA}/features",
-        checkpoint=f"{DATA}/checkpoints/{{method}}",
+        checkpoint=lambda wildcards: [f"{DATA}/checkpoints/{c}" for c in M.checkpoints(wildcards.method)],
         identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
         rankings=f"{DATA}/eval/{{method}}.rankings.jsonl",
     wildcard_constraints:
-        method=one_of(M.of_kind("generative", "discriminative")),
+        method=one_of(M.of_kind("generative", "discriminative", "ensemble")),
     log:
         f"logs/{DATASET}/evaluate_{{method}}.log",
     params:
@@ -78,7 +79,7 @@ rule evaluate_fusion:
         features=f"{DATA}/features",
         source=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.json",
         rankings=lambda wildcards: f"{DATA}/eval/{RECIPES[wildcards.method].source}.rankings.jsonl",
-        checkpoint=lambda wildcards: f"{DATA}/checkpoints/{RECIPES[wildcards.method].source}",
+        checkpoint=lambda wildcards: [f"{DATA}/checkpoints/{c}" for c in M.checkpoints(wildcards.method)],
         identifiers=lambda wildcards: f"{DATA}/identifiers/{RECIPES[wildcards.method].scheme}.tsv",
     output:
         metrics=f"{DATA}/eval/{{method}}.json",
