@@ -9,7 +9,9 @@ evaluate step. The comparison is paired: the same splits, the same checkpoints, 
 exactly the single runs it is set against. Val decides; test is shown for the record. No Sacred.
 
 Usage: python bench/seed_ensemble.py --runs runs.json --work /tmp/avg-recipe-sweep [--splits 0 1 2] [--tag ix]
-(``runs.json``: the sweep's runs, members in order). Writes ``reports/bench/seed_ensemble[.<tag>].{json,md}``.
+(``runs.json``: the sweep's runs, members in order), or ``--recipe <an ensemble recipe of params/methods.yaml>``
+with the checkpoints the pipeline trained for it under ``data/<name>[-split<seed>]/`` (``bench/split_spread.py``
+builds them): its members are the recipe's. Writes ``reports/bench/seed_ensemble[.<tag>].{json,md}``.
 """
 from __future__ import annotations
 
@@ -110,8 +112,10 @@ def write_report(result: dict, stem: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=Path, required=True, help="recipe_sweep's runs json; every run is a member")
-    ap.add_argument("--work", type=Path, required=True, help="the recipe_sweep --work folder holding their checkpoints")
+    ap.add_argument("--runs", type=Path, help="recipe_sweep's runs json; every run is a member")
+    ap.add_argument("--work", type=Path, help="the recipe_sweep --work folder holding their checkpoints")
+    ap.add_argument("--recipe", help="an ensemble recipe of params/methods.yaml: its members as the pipeline trained them "
+                                     "(data/<name>[-split<seed>]/checkpoints/<member>), instead of --runs/--work")
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
@@ -122,6 +126,10 @@ def main() -> None:
     from avg.threads import pin
 
     pin(args.threads)
+    if args.recipe:
+        return from_recipe(args)
+    if not (args.runs and args.work):
+        raise SystemExit("pass --runs and --work (a recipe_sweep's members), or --recipe (an ensemble recipe)")
     runs = json.loads(args.runs.read_text())
     keys = {identifiers_key(r) for r in runs}
     if len(keys) != 1 or len({learned_from(recipe_of(r)) for r in runs}) != 1:
@@ -151,6 +159,38 @@ def main() -> None:
                   "seconds": round(time.time() - t0, 1),
                   "about": "bench/seed_ensemble.py: one recipe trained with several seeds, decoded alone and as one ensemble."},
                  stem)
+    print(f"wrote {stem}.md ({time.time() - t0:.0f} s)")
+
+
+def from_recipe(args) -> None:
+    """The pipeline's own checkpoints of an ensemble recipe's members, split by split."""
+    from avg import featurestore, params
+    from avg import methods as recipes
+
+    m = recipes.load({"methods": params.load_file(ROOT / "params" / "methods.yaml", "methods")})
+    if args.recipe not in m.recipes or m[args.recipe].kind != "ensemble":
+        raise SystemExit(f"--recipe {args.recipe}: not an ensemble recipe of params/methods.yaml")
+    r = m[args.recipe]
+    t0 = time.time()
+    per, dense, n_test = {}, {}, None
+    for s in args.splits:
+        feats = features_dir(s)
+        ckpts = [feats.parent / "checkpoints" / name for name in r.members]
+        missing = [str(c) for c in ckpts if not (c / "train.json").exists()]
+        if missing:
+            raise SystemExit(f"no trained checkpoint at {missing[0]}: run bench/split_spread.py --seeds {s} "
+                             f"--methods {args.recipe} first")
+        per[str(s)] = decode_split(feats, feats.parent / "identifiers" / f"{r.scheme}.tsv", ckpts, args.beams)
+        dense[str(s)] = dense_recalls(feats)
+        n_test = len(featurestore.load(feats).split("test").captions)
+        print(f"split {s}: val mean singles {[round(100 * val_mean(x), 1) for x in per[str(s)]['val']['members']]}, "
+              f"ensemble {100 * val_mean(per[str(s)]['val']['ensemble']):.1f}", flush=True)
+    stem = args.out / f"seed_ensemble.{args.tag or args.recipe}"
+    write_report({"tag": args.tag or args.recipe, "splits": args.splits, "runs": [{"name": n} for n in r.members],
+                  "num_beams": args.beams, "dense": dense, "per_split": per, "test_queries": n_test,
+                  "learned_from": recipes.learned_from(r), "seconds": round(time.time() - t0, 1),
+                  "about": f"bench/seed_ensemble.py --recipe {args.recipe}: the members of the ensemble recipe as the "
+                           "pipeline trained them (bench/split_spread.py's splits), decoded alone and as one."}, stem)
     print(f"wrote {stem}.md ({time.time() - t0:.0f} s)")
 
 
