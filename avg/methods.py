@@ -124,7 +124,7 @@ def load(config: dict) -> Methods:
             base = resolve(src, trail + (name,))
             want = ("generative",) if kind == "discriminative" else TRAINED + ("ensemble",)
             if base.kind not in want:
-                raise _bad(f"methods.recipes.{name}: kind {kind} continues a {' or '.join(want)} recipe, but {src} is {base.kind}")
+                raise _bad(f"methods.recipes.{name}: kind {kind} continues a {' or '.join(filter(None, [', '.join(want[:-1]), want[-1]]))} recipe, but {src} is {base.kind}")
             if kind != "discriminative" and spec.get("train"):
                 raise _bad(f"methods.recipes.{name}: a {kind} recipe trains nothing; drop its `train` overrides")
             r = Recipe(name, kind, base.scheme, src, base.pseudo_queries, {**base.train, **spec.get("train", {})},

@@ -100,7 +100,7 @@ def test_rerank_recipes_pull_in_what_they_rerank():
     assert m.evaluated == ["dense", "avg-gen", "avg", "avg-rr"] and m.schemes == ["avg"]
     assert m["avg-rr"].uses_dense_score and not m["avg"].uses_dense_score and m["avg-rr"].scheme == "avg"
     decl["avg-rr"] = {"kind": "rerank", "from": "dense"}
-    with pytest.raises(ParamsError, match="avg-rr: kind rerank continues a generative or discriminative recipe, but dense"):
+    with pytest.raises(ParamsError, match="avg-rr: kind rerank continues a generative, discriminative or ensemble recipe, but dense"):
         recipes.load({"methods": {"evaluate": ["avg-rr"], "recipes": decl}})
 
 
