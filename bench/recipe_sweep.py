@@ -58,6 +58,11 @@ def recipe_of(run: dict):
                   dict(run.get("train", {})))
 
 
+def run_slug(name: str) -> str:
+    """A run's checkpoint folder name under ``<work>/split<s>/ckpt/`` (bench/beam_width.py reads it too)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
 def features_dir(seed: int) -> Path:
     """The pipeline's feature store for one split seed (built with Snakemake when missing)."""
     data = params_slice("data")
@@ -221,7 +226,7 @@ def main() -> None:
         for run in runs:
             work = args.work / f"split{s}" / identifiers_key(run)
             ids = build_identifiers(feats[s], run, work)
-            slug = "".join(ch if ch.isalnum() else "_" for ch in run["name"])
+            slug = run_slug(run["name"])
             jobs.append({"run": run["name"], "run_spec": run, "split": s, "features": str(feats[s]),
                          "identifiers": str(ids), "pq": bool(run.get("pq")),
                          "out": str(args.work / f"split{s}" / "ckpt" / slug)})
