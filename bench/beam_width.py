@@ -6,8 +6,8 @@ full sequence highest. Decoding with as many beams as the split has images is ex
 argmax over every identifier of the corpus. If R@1 at beam 10 equals R@1 exhaustive, the limit is the
 model, not the search (and wider beams would only cost time).
 
-Reads the checkpoints ``bench/recipe_sweep.py`` trained (``<work>/split<s>/ckpt/<run slug>``, the run's
-identifier table beside them); decodes the val and test captions of each split at every width.
+Reads the checkpoints ``bench/recipe_sweep.py`` trained (``<work>/split<s>/ckpt/<run slug>``, and the
+identifier table each one's train.json names); decodes the val and test captions of each split at every width.
 
 Usage: python bench/beam_width.py --run avg-ix-pq-gen [--splits 0 1 2] [--beams 10 25 0] [--work /tmp/avg-recipe-sweep]
 (0 = exhaustive). Writes ``<out>/beam_width.<slug>.{json,md}``.
@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from avg import safe_io  # noqa: E402
-from avg.report.format import fmt_mean_sd  # noqa: E402
-from recipe_sweep import features_dir, run_slug as slug  # noqa: E402
+from recipe_sweep import features_dir, mean_std, run_slug as slug  # noqa: E402
 
 KS = ("recall@1", "recall@5", "recall@10")
 
@@ -64,7 +63,8 @@ def decode_widths(ckpt: Path, identifiers: Path, features: Path, beams: list[int
 
 
 def table(result: dict) -> str:
-    """Markdown: per side and width, mean ± sd over splits of R@1/5/10 and the decoding time."""
+    """Markdown: per side and width, mean ± sd over splits of R@1/5/10, the share of changed top images and
+    the decoding time."""
     lines = [f"# Beam width ({result['run']})", "", __doc__.split("\n\n")[1].replace("\n", " "), "",
              f"Splits (data.split.seed): {', '.join(map(str, result['splits']))}; checkpoints of `bench/recipe_sweep.py` "
              f"(run `{result['run']}`, generative stage). Mean ± sd over splits, in points. Made by `python bench/beam_width.py`.", "",
@@ -73,8 +73,7 @@ def table(result: dict) -> str:
     for side in ("val", "test"):
         for b in result["beams"]:
             rows = [r for r in result["rows"] if r["side"] == side and r["beams"] == b]
-            cell = [fmt_mean_sd(100 * statistics.mean(r[k] for r in rows),
-                                100 * statistics.stdev(r[k] for r in rows) if len(rows) > 1 else None, 1) for k in KS]
+            cell = [mean_std([r[k] for r in rows]) for k in KS]
             label = "every image" if b == 0 else str(b)
             differs = 100 * statistics.mean(r["top1_differs"] for r in rows)
             lines.append(f"| {side} | {label} | {' | '.join(cell)} | {differs:.1f} | {statistics.mean(r['seconds'] for r in rows):.1f} |")
@@ -95,18 +94,22 @@ def main() -> None:
     rows = []
     for s in args.splits:
         ckpt = args.work / f"split{s}" / "ckpt" / slug(args.run)
-        ids = sorted((args.work / f"split{s}").glob("*/identifiers/avg.tsv"))
-        if not (ckpt / "train.json").exists() or len(ids) != 1:
-            raise SystemExit(f"no finished checkpoint of run {args.run!r} with one identifier table under "
-                             f"{args.work / f'split{s}'}: train it first with bench/recipe_sweep.py --work {args.work}")
-        for r in decode_widths(ckpt, ids[0], features_dir(s), args.beams):
+        if not (ckpt / "train.json").exists():
+            raise SystemExit(f"no finished checkpoint of run {args.run!r} under {args.work / f'split{s}'}: "
+                             f"train it first with bench/recipe_sweep.py --work {args.work}")
+        # the table the checkpoint was trained on, whatever its scheme (the train step records it)
+        ids = Path(safe_io.read_json(ckpt / "train.json")["identifiers"])
+        if not ids.exists():
+            raise SystemExit(f"{ckpt}/train.json names identifiers {ids}, which no longer exist: rerun "
+                             f"bench/recipe_sweep.py --work {args.work} to rebuild them")
+        for r in decode_widths(ckpt, ids, features_dir(s), args.beams):
             rows.append({"split": s, **r})
             print(f"split {s} {r['side']} beams {r['width']}: R@1 {100 * r['recall@1']:.1f} ({r['seconds']} s)", flush=True)
     result = {"run": args.run, "splits": args.splits, "beams": args.beams, "rows": rows}
-    stem = args.out / f"beam_width.{slug(args.run)}"
-    safe_io.write_json(stem.parent / f"{stem.name}.json", result)
-    safe_io.write_text(stem.parent / f"{stem.name}.md", table(result))
-    print(f"wrote {stem}.md")
+    name = f"beam_width.{slug(args.run)}"
+    safe_io.write_json(args.out / f"{name}.json", result)
+    safe_io.write_text(args.out / f"{name}.md", table(result))
+    print(f"wrote {args.out / name}.md")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,14 @@ def test_a_run_the_sweep_never_trained_is_refused_before_any_decoding(tmp_path, 
     assert not (tmp_path / "out").exists()
     # the folder it looks in is the one recipe_sweep trains into
     assert beam_width.slug("avg ix") == recipe_sweep.run_slug("avg ix") == "avg_ix"
+
+
+def test_a_checkpoint_whose_identifier_table_is_gone_is_refused_with_the_path_it_names(tmp_path, monkeypatch):
+    ckpt = tmp_path / "split0" / "ckpt" / "r"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train.json").write_text('{"identifiers": "%s"}' % (tmp_path / "gone" / "avg.tsv"))
+    monkeypatch.setattr(sys, "argv", ["beam_width.py", "--run", "r", "--splits", "0", "--work", str(tmp_path),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"names identifiers .*gone/avg.tsv, which no longer exist"):
+        beam_width.main()
+    assert not (tmp_path / "out").exists()
