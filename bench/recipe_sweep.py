@@ -4,7 +4,9 @@ For each ``data.split.seed`` in ``--splits`` and each run of ``--runs``, this fi
 (``tokenizer`` overrides of params/tokenizer.yaml; rq and avg schemes), assigns its identifiers (``scheme``,
 default avg; ``identifiers`` overrides of params/identifiers.yaml), trains the generative stage
 (``train`` overrides of params/train.yaml, dotted keys; ``pq`` = with pseudo-queries) and reads the
-validation recall the step selected on. Test recall is decoded afterwards for the same checkpoint and
+validation recall the step selected on. A run with ``"from": "<another run's name>"`` is that run's
+discriminative stage instead (the paper's learning-to-rank continuation, params/train.yaml's
+``train.discriminative``, over the same data): it trains after every generative run has finished. Test recall is decoded afterwards for the same checkpoint and
 reported beside it, never used to choose. Dense (exact inner product over the feature store) gives the
 reference on both splits. No Sacred: a measurement, not a pipeline run.
 
@@ -51,11 +53,30 @@ def params_slice(name: str) -> dict:
 
 
 def recipe_of(run: dict):
-    """The generative recipe a run describes (its scheme, avg by default; its overrides and pseudo-queries)."""
+    """The recipe a run describes (its scheme, avg by default; its overrides and pseudo-queries): generative,
+    or discriminative when it continues another run (``from``)."""
     from avg.methods import Recipe
 
-    return Recipe(run["name"], "generative", run.get("scheme", "avg"), None, bool(run.get("pq")),
+    kind = "discriminative" if run.get("from") else "generative"
+    return Recipe(run["name"], kind, run.get("scheme", "avg"), run.get("from"), bool(run.get("pq")),
                   dict(run.get("train", {})))
+
+
+def check_continuations(runs: list[dict]) -> None:
+    """A discriminative run (``from``) continues a generative run of the same sweep, with its data and reads."""
+    by_name = {r["name"]: r for r in runs}
+    for r in runs:
+        src = r.get("from")
+        if src is None:
+            continue
+        base = by_name.get(src)
+        if base is None or base.get("from"):
+            raise SystemExit(f"--runs: run {r['name']!r} continues {src!r}, which is not a generative run of this sweep "
+                             f"(generative runs: {sorted(n for n, x in by_name.items() if not x.get('from'))})")
+        for key in ("scheme", "tokenizer", "identifiers", "train", "pq"):
+            if r.get(key) != base.get(key):
+                raise SystemExit(f"--runs: run {r['name']!r} continues {src!r} but its {key!r} differs "
+                                 f"({r.get(key)!r} vs {base.get(key)!r}); copy the generative run's {key!r}")
 
 
 def run_slug(name: str) -> str:
@@ -117,7 +138,8 @@ def build_identifiers(features: Path, run: dict, work: Path) -> Path:
 
 
 def train_one(job: dict) -> dict:
-    """Generative stage of one run on one split: val recall (what selection saw) and test recall."""
+    """One run on one split, its generative stage or (``init_from``) its discriminative continuation: val
+    recall (what selection saw) and test recall."""
     import numpy as np
     import torch
 
@@ -135,9 +157,10 @@ def train_one(job: dict) -> dict:
     out = Path(job["out"])
     t0 = time.time()
     if not (out / "train.json").exists():
+        init = job.get("init_from")
         TS.run(cfg=cfg, log=lambda *a: None, run_id="sweep", features=Path(job["features"]),
-               identifiers=Path(job["identifiers"]), codebook=None, stage="generative", init_from=None, out=out,
-               state_dir=None, pseudo_queries=job["pq"])
+               identifiers=Path(job["identifiers"]), codebook=None, stage="discriminative" if init else "generative",
+               init_from=Path(init) if init else None, out=out, state_dir=None, pseudo_queries=job["pq"])
     meta = safe_io.read_json(out / "train.json")
     test = featurestore.load(job["features"]).split("test")
     vm = VokenModel.load(out)
@@ -177,7 +200,8 @@ def write_report(result: dict, stem: Path) -> None:
     dense = result["dense"]
     lines = [f"# Identifier shapes and training recipes over seeded splits ({result['tag']})", "",
              result["about"], "",
-             f"Splits (data.split.seed): {', '.join(map(str, splits))}. Generative stage only, avg scheme unless a run names another. "
+             f"Splits (data.split.seed): {', '.join(map(str, splits))}. Generative stage unless a run continues another "
+             "(`from`: its discriminative stage), avg scheme unless a run names another. "
              "Chosen on **val** (the mean of R@1/5/10, train.validation.select_metric); test shown for the record. "
              "Mean ± std over splits, in points; ratio = method R@1 / dense R@1 of the same split and split side.", "",
              "| run | learned from | reads | val mean R@1/5/10 | val R@1 | val R@1 / dense | test R@1 | test R@1 / dense | test R@10 | s/run |",
@@ -210,7 +234,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, default=None,
                     help='JSON list of {"name", "scheme": avg|rq|kmeans|atomic, "tokenizer": {key: value}, '
-                         '"identifiers": {dotted.key: value}, "train": {dotted.key: value}, "pq": bool}')
+                         '"identifiers": {dotted.key: value}, "train": {dotted.key: value}, "pq": bool, '
+                         '"from": name of the generative run it continues (its discriminative stage)}')
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/avg-recipe-sweep"))
@@ -218,6 +243,7 @@ def main() -> None:
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args()
     runs = json.loads(args.runs.read_text()) if args.runs else DEFAULT_RUNS
+    check_continuations(runs)
     t0 = time.time()
     feats = {s: features_dir(s) for s in args.splits}
     dense = {str(s): dense_recalls(feats[s]) for s in args.splits}
@@ -230,13 +256,18 @@ def main() -> None:
             jobs.append({"run": run["name"], "run_spec": run, "split": s, "features": str(feats[s]),
                          "identifiers": str(ids), "pq": bool(run.get("pq")),
                          "out": str(args.work / f"split{s}" / "ckpt" / slug)})
+            if run.get("from"):
+                jobs[-1]["init_from"] = str(args.work / f"split{s}" / "ckpt" / run_slug(run["from"]))
     print(f"{len(jobs)} trainings over {len(args.splits)} splits, {args.jobs} at a time", flush=True)
     rows = []
+    # generative runs first: a discriminative run starts from one of their checkpoints
+    phases = [[j for j in jobs if "init_from" not in j], [j for j in jobs if "init_from" in j]]
     with ProcessPoolExecutor(args.jobs) as pool:
-        for i, row in enumerate(pool.map(train_one, jobs), 1):
-            rows.append(row)
-            print(f"[{i}/{len(jobs)}] {row['run']} split {row['split']}: val {row['val']} test {row['test']} "
-                  f"({row['seconds']} s)", flush=True)
+        for phase in phases:
+            for row in pool.map(train_one, phase):
+                rows.append(row)
+                print(f"[{len(rows)}/{len(jobs)}] {row['run']} split {row['split']}: val {row['val']} test {row['test']} "
+                      f"({row['seconds']} s)", flush=True)
     stem = args.out / (f"recipe_sweep.{args.tag}" if args.tag else "recipe_sweep")
     write_report({"tag": args.tag, "splits": args.splits, "runs": runs, "dense": dense, "rows": rows,
                   "seconds": round(time.time() - t0, 1),

@@ -12,7 +12,7 @@ from avg import pseudo_queries as PQ
 from avg.errors import UserError
 from avg.params import ParamsError
 
-CFG = {"source": "knn", "per_image": 2, "file": None, "splits": ["val", "test"]}
+CFG = {"source": "knn", "per_image": 2, "image_weight": 0.0, "file": None, "splits": ["val", "test"]}
 
 
 def store(n_images: int = 10, dim: int = 6, seed: int = 0) -> featurestore.Features:
@@ -62,6 +62,41 @@ def test_knn_pseudo_queries_come_from_train_captions_only():
     assert info["n_queries"] == 2 * len(target) and info["test_images"] is True
     assert info["queries_per_split"] == {"test": 2 * sum(s == "test" for s in split_of.values()),
                                          "val": 2 * sum(s == "val" for s in split_of.values())}
+
+
+def test_image_weight_chooses_by_the_captions_own_image_and_still_reads_no_held_out_caption():
+    """A train caption that reads close to a test image but describes a far-away image loses to the caption of
+    the test image's nearest train image once image-to-image similarity weighs in; no val/test caption enters."""
+    img = np.array([[1.0, 0.0, 0.0],     # 0 train: the test image's look-alike
+                    [0.0, 1.0, 0.0],     # 1 train: far from it
+                    [0.9, 0.0, 0.436],   # 2 test
+                    [0.0, 0.0, 1.0]], np.float32)   # 3 val
+    txt = np.array([[0.6, 0.8, 0.0],     # caption of 0: reads loosely
+                    [0.95, 0.31, 0.0],   # caption of 1: reads close to the test image, though its image is far
+                    [0.9, 0.0, 0.436],   # the test image's own caption (must never be chosen)
+                    [0.0, 0.0, 1.0]], np.float32)
+    images = pd.DataFrame({"image": ["a", "b", "t", "v"], "split": ["train", "train", "test", "val"]})
+    caps = pd.DataFrame({"caption_id": range(4), "image": images["image"], "caption": ["cap a", "cap b", "cap t", "cap v"],
+                         "split": images["split"], "image_index": range(4)})
+    feats = featurestore.Features(img, images, txt, caps, {"encoder": "synthetic"})
+    first = lambda w: PQ.build(feats, {**CFG, "per_image": 1, "image_weight": w}).set_index("image")["caption"].to_dict()
+    assert first(0.0)["t"] == "cap b"                     # the cross-modal score alone
+    assert first(0.5)["t"] == "cap a"                     # the look-alike's caption
+    assert first(1.0)["t"] == "cap a"
+    for w in (0.0, 0.5, 1.0):
+        assert set(first(w).values()) <= {"cap a", "cap b"}
+    table = PQ.build(feats, {**CFG, "per_image": 1, "image_weight": 0.5})
+    assert PQ.describe({**CFG, "image_weight": 0.5}, table, feats)["image_weight"] == 0.5
+    from avg.steps.report import pseudo_query_label
+
+    assert "image weight 0.5" in pseudo_query_label(PQ.describe({**CFG, "image_weight": 0.5}, table, feats))
+    from avg import params
+
+    from helpers_configs import params_slice
+
+    train = params_slice("train")
+    with pytest.raises(ParamsError, match="image_weight"):
+        params.validate("train", {**train, "pseudo_queries": {**train["pseudo_queries"], "image_weight": 1.5}}, "t")
 
 
 def test_train_images_never_get_their_own_caption_back():

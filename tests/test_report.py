@@ -90,8 +90,8 @@ def build_fixture(root: Path, *, pq: bool = False, with_upstream: bool = True) -
     disc = {**gen, "stage": "discriminative", "seconds": 7.25, "sacred_run_id": "train/2",
             "init_from": str(ds / "checkpoints" / "avg-gen")}
     if pq:      # what avg.steps.train records for a -pq checkpoint (avg.pseudo_queries.describe)
-        disc["pseudo_queries"] = {"source": "knn", "per_image": 5, "file": None, "splits": ["val", "test"],
-                                  "n_queries": 80, "n_images": 16, "queries_per_split": {"test": 40, "val": 40},
+        disc["pseudo_queries"] = {"source": "knn", "per_image": 5, "image_weight": 0.0, "file": None,
+                                  "splits": ["val", "test"], "n_queries": 80, "n_images": 16, "queries_per_split": {"test": 40, "val": 40},
                                   "test_images": True}
         gen["pseudo_queries"] = None      # a stage without them records null
     _write(ds / "checkpoints" / "avg-gen" / "train.json", gen)
@@ -359,7 +359,7 @@ def test_pseudo_query_rows_are_labelled_in_every_table(tmp_path, fast_figures):
     for run in ("train/1", "train/2"):          # every train run's Sacred config holds the pseudo_queries params slice
         cfg_path = fx["runs"] / run / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        cfg.setdefault("train", {})["pseudo_queries"] = {"source": "knn", "per_image": 5,
+        cfg.setdefault("train", {})["pseudo_queries"] = {"source": "knn", "per_image": 5, "image_weight": 0.0,
                                                          "file": None, "splits": ["val", "test"]}
         _write(cfg_path, cfg)
     out = run_report(fx)

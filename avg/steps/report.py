@@ -122,10 +122,13 @@ def pseudo_queries_of(stages: list[dict]) -> R.Leakage:
 
 
 def pseudo_query_label(rec: dict) -> str:
-    """e.g. 'knn, 5 per image, 1010 for 202 val+test images' from a train.json pseudo_queries record."""
+    """e.g. 'knn, 5 per image, 1010 for 202 val+test images' (', image weight 0.2' after the count per image
+    where captions were also chosen by image-to-image similarity) from a train.json pseudo_queries record."""
     how = rec.get("source") or "?"
     if rec.get("per_image"):
         how += f", {rec['per_image']} per image"
+    if rec.get("image_weight"):
+        how += f", image weight {rec['image_weight']:g}"
     if rec.get("file"):
         how += f" from {rec['file']}"
     splits = "+".join(rec.get("splits") or [])
