@@ -97,3 +97,31 @@ def test_rows_carry_provenance_and_targets_pick_the_best_of_each_group():
     per_seed[1]["avg-ix-gen"] = ev(0.25)                                  # mean ratio 0.56: below the target
     low = split_spread.targets(split_spread.summarise(per_seed, methods), lab)
     assert low[0]["met"] is False
+
+
+def test_a_tagged_run_writes_its_own_table_and_leaves_the_headline_one_alone(tmp_path, monkeypatch):
+    import split_spread
+    import shutil
+
+    from avg import safe_io
+
+    shutil.copytree(REPO / "params", tmp_path / "params")
+    monkeypatch.setattr(split_spread, "ROOT", tmp_path)
+
+    def fake_run(methods, data_dir, configfile, cores):
+        for i, m in enumerate(methods):
+            r1 = 0.5 if m == "dense" else 0.2 + 0.01 * i
+            safe_io.write_json(tmp_path / data_dir / "eval" / f"{m}.json",
+                               {"recall@1": r1, "recall@5": 0.6, "recall@10": 0.7, "n_queries": 100})
+        return 1.0
+
+    monkeypatch.setattr(split_spread, "run_split", fake_run)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "split_spread.md").write_text("headline\n")
+    monkeypatch.setattr(sys, "argv", ["split_spread.py", "--seeds", "0", "1", "--methods", "avg-ix-pq-gen", "avg-ix-pq",
+                                      "--out", str(tmp_path / "out"), "--tag", "pq-disc"])
+    split_spread.main()
+    assert (tmp_path / "out" / "split_spread.md").read_text() == "headline\n"
+    doc = safe_io.read_json(tmp_path / "out" / "split_spread.pq-disc.json")
+    assert doc["methods"] == ["dense", "avg-ix-pq-gen", "avg-ix-pq"] and doc["seeds"] == [0, 1]
+    assert "| avg-ix-pq |" in (tmp_path / "out" / "split_spread.pq-disc.md").read_text()
