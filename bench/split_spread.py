@@ -111,15 +111,31 @@ def run_split(methods: list[str], data_dir: str, configfile: Path | None, cores:
     return time.perf_counter() - t0
 
 
-def summarise(per_seed: dict[int, dict[str, dict]], methods: list[str]) -> dict:
-    """Per method: recalls (points) per seed, R@1 ratio to that split's dense, mean and sd over seeds."""
+def val_figures(data_dir: Path, methods: list[str], label: dict[str, dict]) -> dict[str, dict]:
+    """Per trained method (generative or discriminative), the val recalls its training selected on
+    (``checkpoints/<m>/train.json``): what a choice between recipes of one run may read, where the table's
+    test figures may not."""
+    out = {}
+    for m in methods:
+        if label[m]["kind"] in ("generative", "discriminative"):
+            meta = json.loads((data_dir / "checkpoints" / m / "train.json").read_text())
+            out[m] = {k: meta[f"val_{k}"] for k in KS}
+    return out
+
+
+def summarise(per_seed: dict[int, dict[str, dict]], methods: list[str],
+              per_val: dict[int, dict[str, dict]] | None = None) -> dict:
+    """Per method: recalls (points) per seed, R@1 ratio to that split's dense, mean and sd over seeds; for a
+    trained method with ``per_val``, also the mean of its val R@1/5/10 (``val_mean3``)."""
     out = {}
     for m in methods:
         rows = {s: per_seed[s][m] for s in per_seed}
         entry = {k: {str(s): round(100 * r[k], 1) for s, r in rows.items()} for k in KS}
+        if per_val and all(m in per_val[s] for s in per_seed):
+            entry["val_mean3"] = {str(s): round(100 * statistics.fmean(per_val[s][m][k] for k in KS), 1) for s in per_seed}
         entry["ratio_r1_to_dense"] = {str(s): round(r["recall@1"] / per_seed[s]["dense"]["recall@1"], 3)
                                       for s, r in rows.items() if per_seed[s]["dense"]["recall@1"] > 0}
-        for key in list(KS) + ["ratio_r1_to_dense"]:
+        for key in list(KS) + ["ratio_r1_to_dense"] + (["val_mean3"] if "val_mean3" in entry else []):
             vals = list(entry[key].values())
             entry[f"{key}_mean"] = round(statistics.fmean(vals), 3) if vals else None
             entry[f"{key}_sd"] = round(statistics.stdev(vals), 3) if len(vals) > 1 else None
@@ -131,18 +147,21 @@ def markdown(summary: dict, seeds: list[int], n: dict[int, int], seconds: dict[i
              label: dict[str, dict] | None = None, goals: list[dict] | None = None) -> str:
     label = label or {}
     head = ("| method | learned from | dense score in ranking | " + " | ".join(f"R@1 s{s}" for s in seeds)
-            + " | R@1 mean ± sd | R@5 mean | R@10 mean | R@1 / dense mean ± sd |")
+            + " | R@1 mean ± sd | R@5 mean | R@10 mean | R@1 / dense mean ± sd | val mean R@1/5/10 (trained rows) |")
     lines = ["# Split spread (Tux Paint test split, one pipeline run per data.split.seed)", "",
              "Recall in points; the ratio is each split's method R@1 over the same split's dense R@1. "
              f"Test queries per split: {', '.join(f's{s}: {n[s]}' for s in seeds)}. "
-             "Made by `python bench/split_spread.py`.", "", head,
-             "|" + "---|" * (len(seeds) + 7)]
+             "Made by `python bench/split_spread.py`. The last column is what each trained row's own training "
+             "selected on (val, mean of R@1/5/10, from its train.json): the figure a choice between recipes may "
+             "read; the test columns are for the record.", "", head,
+             "|" + "---|" * (len(seeds) + 8)]
     for m, e in summary.items():
         lab = label.get(m, {})
         r1 = " | ".join(f"{e['recall@1'][str(s)]:.1f}" for s in seeds)
         lines.append(f"| {m} | {lab.get('learned_from', '?')} | {fmt_yes_no(lab.get('dense_score'), '?')} | {r1} | "
                      f"{fmt_mean_sd(e['recall@1_mean'], e['recall@1_sd'], 1)} | "
-                     f"{e['recall@5_mean']:.1f} | {e['recall@10_mean']:.1f} | {ratio_text(e)} |")
+                     f"{e['recall@5_mean']:.1f} | {e['recall@10_mean']:.1f} | {ratio_text(e)} | "
+                     f"{fmt_mean_sd(e.get('val_mean3_mean'), e.get('val_mean3_sd'), 1, '—')} |")
     if goals:
         lines += ["", "Targets (issue 12), on the mean over these splits of R@1 / dense:", "",
                   "| group | best recipe run | R@1 / dense mean ± sd | target | met |", "|---|---|---|---|---|"]
@@ -173,7 +192,8 @@ def main() -> None:
 
     data_cfg = params.load_file(ROOT / "params" / "data.yaml", "data")
     name, own_seed = data_cfg["name"], data_cfg["split"]["seed"]
-    per_seed, n, seconds = {}, {}, {}
+    label = labels(args.methods)
+    per_seed, per_val, n, seconds = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             cfg = overrides(args.methods, name, seed, own=seed == own_seed)
@@ -182,10 +202,10 @@ def main() -> None:
             cfg_file.write_text(yaml.safe_dump(cfg))
             seconds[seed] = run_split(args.methods, data_dir, cfg_file, args.cores)
             per_seed[seed] = {m: json.loads((ROOT / data_dir / "eval" / f"{m}.json").read_text()) for m in args.methods}
+            per_val[seed] = val_figures(ROOT / data_dir, args.methods, label)
             n[seed] = per_seed[seed]["dense"]["n_queries"]
 
-    summary = summarise(per_seed, args.methods)
-    label = labels(args.methods)
+    summary = summarise(per_seed, args.methods, per_val)
     goals = targets(summary, label)
     table = markdown(summary, args.seeds, n, seconds, label, goals)
     stem = f"split_spread.{args.tag}" if args.tag else "split_spread"

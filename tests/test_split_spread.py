@@ -113,6 +113,10 @@ def test_a_tagged_run_writes_its_own_table_and_leaves_the_headline_one_alone(tmp
             r1 = 0.5 if m == "dense" else 0.2 + 0.01 * i
             safe_io.write_json(tmp_path / data_dir / "eval" / f"{m}.json",
                                {"recall@1": r1, "recall@5": 0.6, "recall@10": 0.7, "n_queries": 100})
+            if m != "dense":      # what the train step records: the val recalls its best epoch was chosen on
+                v = 0.3 if m == "avg-ix-pq" else 0.6
+                safe_io.write_json(tmp_path / data_dir / "checkpoints" / m / "train.json",
+                                   {"val_recall@1": v, "val_recall@5": v, "val_recall@10": v})
         return 1.0
 
     monkeypatch.setattr(split_spread, "run_split", fake_run)
@@ -124,4 +128,9 @@ def test_a_tagged_run_writes_its_own_table_and_leaves_the_headline_one_alone(tmp
     assert (tmp_path / "out" / "split_spread.md").read_text() == "headline\n"
     doc = safe_io.read_json(tmp_path / "out" / "split_spread.pq-disc.json")
     assert doc["methods"] == ["dense", "avg-ix-pq-gen", "avg-ix-pq"] and doc["seeds"] == [0, 1]
-    assert "| avg-ix-pq |" in (tmp_path / "out" / "split_spread.pq-disc.md").read_text()
+    md = (tmp_path / "out" / "split_spread.pq-disc.md").read_text()
+    rows = {l.split(" | ")[0].strip("| "): l for l in md.splitlines() if l.startswith("| avg") or l.startswith("| dense")}
+    # the trained rows carry the val figure their training selected on; dense has none
+    assert rows["avg-ix-pq-gen"].endswith("| 60.0 ± 0.0 |") and rows["avg-ix-pq"].endswith("| 30.0 ± 0.0 |")
+    assert rows["dense"].endswith("| — |")
+    assert doc["summary"]["avg-ix-pq"]["val_mean3"] == {"0": 30.0, "1": 30.0} and "val_mean3" not in doc["summary"]["dense"]
