@@ -6,7 +6,8 @@ default avg; ``identifiers`` overrides of params/identifiers.yaml), trains the g
 (``train`` overrides of params/train.yaml, dotted keys; ``pq`` = with pseudo-queries) and reads the
 validation recall the step selected on. A run with ``"from": "<another run's name>"`` is that run's
 discriminative stage instead (the paper's learning-to-rank continuation, params/train.yaml's
-``train.discriminative``, over the same data): it trains after every generative run has finished. Test recall is decoded afterwards for the same checkpoint and
+``train.discriminative`` plus any ``discriminative.*`` overrides of its own, over the same data): it trains
+after every generative run has finished. Test recall is decoded afterwards for the same checkpoint and
 reported beside it, never used to choose. Dense (exact inner product over the feature store) gives the
 reference on both splits. No Sacred: a measurement, not a pipeline run.
 
@@ -74,7 +75,11 @@ def check_continuations(runs: list[dict]) -> None:
             raise SystemExit(f"--runs: run {r['name']!r} continues {src!r}, which is not a generative run of this sweep "
                              f"(generative runs: {sorted(n for n, x in by_name.items() if not x.get('from'))})")
         for key in ("scheme", "tokenizer", "identifiers", "train", "pq"):
-            if r.get(key) != base.get(key):
+            mine, theirs = r.get(key), base.get(key)
+            if key == "train":    # the stage's own settings (discriminative.*) are the one thing it may add
+                mine = {k: v for k, v in (mine or {}).items() if not k.startswith("discriminative.")}
+                theirs = theirs or {}
+            if mine != theirs:
                 raise SystemExit(f"--runs: run {r['name']!r} continues {src!r} but its {key!r} differs "
                                  f"({r.get(key)!r} vs {base.get(key)!r}); copy the generative run's {key!r}")
 

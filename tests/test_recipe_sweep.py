@@ -57,3 +57,10 @@ def test_a_run_that_continues_another_trains_its_discriminative_stage_from_that_
 def test_a_continuation_must_name_a_generative_run_with_the_same_data(runs, message):
     with pytest.raises(SystemExit, match=message):
         recipe_sweep.check_continuations(runs)
+
+
+def test_a_continuation_may_set_its_own_stage_settings():
+    base = {"name": "g", "train": {"indexing": True}}
+    recipe_sweep.check_continuations([base, {"name": "d", "from": "g", "train": {"indexing": True, "discriminative.epochs": 2}}])
+    with pytest.raises(SystemExit, match="its 'train' differs"):
+        recipe_sweep.check_continuations([base, {"name": "d", "from": "g", "train": {"discriminative.epochs": 2}}])
