@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from avg import featurestore, safe_io  # noqa: E402
 from avg.metrics import dense_rankings, retrieval_metrics  # noqa: E402
 from avg.pseudo_queries import knn_rows  # noqa: E402
-from avg.report.format import fmt_mean_sd  # noqa: E402
+from recipe_sweep import features_dir, mean_std  # noqa: E402
 
 KS = ("recall@1", "recall@5", "recall@10")
 
@@ -51,9 +51,10 @@ def side_scores(feats, side: str, weights: list[float], per_image: list[int]) ->
     out = {"dense": recalls(queries, feats.image[target], gold)}
     for w in weights:
         pool, rows, _ = knn_rows(feats, target, max(per_image), w)     # best first: each m is a prefix
+        chosen = feats.text[pool][rows]                                 # [n images, max m, d]
         for m in per_image:
             # the mean left unnormalised: query . mean = the mean of the query's cosines with the m captions
-            out[key(w, m)] = recalls(queries, feats.text[pool][rows[:, :m]].mean(1), gold)
+            out[key(w, m)] = recalls(queries, chosen[:, :m].mean(1), gold)
     return out
 
 
@@ -78,7 +79,8 @@ def summarise(per_split: dict[int, dict], weights: list[float], per_image: list[
 
 
 def cell(xs: list[float], decimals: int = 1) -> str:
-    return fmt_mean_sd(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, decimals)
+    """``mean ± sd`` of values already in their unit (points or ratios): recipe_sweep's cell, unscaled."""
+    return mean_std(xs, 1, decimals)
 
 
 def markdown(doc: dict) -> str:
@@ -103,8 +105,6 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> None:
-    from recipe_sweep import features_dir
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5])
