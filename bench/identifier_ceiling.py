@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 
 from avg import featurestore, safe_io
-from avg.pseudo_queries import knn_captions
+from avg.pseudo_queries import knn_rows
 from avg.metrics import dense_rankings, l2_normalise, retrieval_metrics
-from avg.tokenizer import kmeans as fit_kmeans
-from avg.tokenizer import sq_distances
+from avg.clustering import kmeans as fit_kmeans
+from avg.clustering import sq_distances
 
 
 def recalls(queries: np.ndarray, corpus: np.ndarray, gold: np.ndarray, normalise_corpus: bool = True) -> dict:
@@ -90,8 +90,9 @@ def kmeans_row(data: Path, feats, split_rows: np.ndarray, queries: np.ndarray, g
 def pseudo_query_rows(feats, split_rows: np.ndarray, queries: np.ndarray, gold: np.ndarray,
                       per_image: tuple[int, ...]) -> dict[int, dict]:
     """Per m in ``per_image``: rank images by the query's mean cosine with their m kNN pseudo-queries (train captions)."""
-    train_text = l2_normalise(feats.text[(feats.captions["split"] == "train").to_numpy()])
-    rows, _ = knn_captions(feats.image[split_rows], train_text, max(per_image))   # best first: each m is a prefix
+    # the pipeline's own choice (image_weight 0, the default), so this row scores what the -pq methods train on
+    pool, rows, _ = knn_rows(feats, split_rows, max(per_image))   # best first: each m is a prefix
+    train_text = l2_normalise(feats.text[pool])
     # the mean vector left unnormalised: query · mean = the mean of the query's cosines with the m captions
     return {m: recalls(queries, train_text[rows[:, :m]].mean(1), gold, normalise_corpus=False) for m in per_image}
 
