@@ -348,6 +348,54 @@ def _beam_search(vm: VokenModel, enc: dict[str, torch.Tensor], processors: Logit
     return out.sequences[:, 1:1 + length], out.sequences_scores
 
 
+@torch.inference_mode()
+def sequence_scores(vm, captions: Sequence[str], tokens: np.ndarray, queries: np.ndarray | None = None,
+                    batch_size: int = 64) -> np.ndarray:
+    """Log-probability of given identifiers per caption, exactly as beam search scores them (summed over
+    positions): ``tokens [n, c, L]`` (rows of -1: nothing to score) → ``[n, c]``, ``-inf`` where nothing was
+    scored. A model: full-vocabulary log-softmax (:meth:`VokenModel.sequence_logprobs`); an :class:`Ensemble`:
+    at each position the members' mean log-probability renormalised over the vocabulary, as its beam
+    search steps. Fusion scores the candidates the beam did not reach with it (:func:`avg.fusion.widen`)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n, c, length = tokens.shape
+    out = np.full((n, c), -np.inf, dtype=np.float64)
+    valid = (tokens >= 0).all(-1)
+    if n == 0 or c == 0 or not valid.any():
+        return out
+    members = vm.members if isinstance(vm, Ensemble) else [vm]
+    # an ensemble holds [rows * c, L, vocab] log-probabilities per member: cap the rows so that stays ~128 MiB
+    vocab = max(m.vocab_size for m in members)
+    step = batch_size if len(members) == 1 else max(1, min(batch_size, 2 ** 25 // max(1, c * length * vocab)))
+    was_training, to_eval, to_train = _mode(vm)
+    if was_training:
+        to_eval()
+    try:
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            batch = list(captions[rows])
+            cand = torch.as_tensor(np.where(valid[rows, :, None], tokens[rows], vm.spec.first_id))
+            if len(members) == 1:
+                q = queries[rows] if queries is not None and vm.reads_embedding else None
+                got = vm.sequence_logprobs(None, cand.to(vm.device), states=vm.query_states(batch, q)).double().cpu()
+            else:
+                mean = None
+                for m in members:
+                    q = queries[rows] if queries is not None and m.reads_embedding else None
+                    hidden, mask = m.query_states(batch, q)
+                    flat = cand.to(m.device).reshape(-1, length)
+                    logits = m.token_logits({"attention_mask": mask.repeat_interleave(c, dim=0)}, flat,
+                                            BaseModelOutput(last_hidden_state=hidden.repeat_interleave(c, dim=0)))
+                    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                    mean = logp if mean is None else mean.add_(logp)
+                mean = torch.log_softmax(mean / len(members), dim=-1)
+                got = mean.gather(-1, cand.reshape(-1, length, 1)).squeeze(-1).sum(-1).view(-1, c).double()
+            out[rows] = np.where(valid[rows], got.numpy(), -np.inf)
+    finally:
+        if was_training:
+            to_train()
+    return out
+
+
 def evaluate_retrieval(vm: VokenModel, captions: Sequence[str], gold: np.ndarray, trie: Trie,
                        num_beams: int = 10, batch_size: int = 64, cache: EncoderCache | None = None,
                        queries: np.ndarray | None = None) -> tuple[dict[str, float], Retrieval]:

@@ -1,11 +1,14 @@
 """Fusion ranking: a generative method's beam candidates ranked by log-probability + beta * dense score.
 
 Between pure generative ranking (beta = 0) and the dense rerank (beta -> infinity, :mod:`avg.rerank`):
-the candidates are the beam's (nothing outside it is scored), and each gets
-``log p(identifier | query) + beta * <query, image>`` in the features step's space (the hybrid rerank
-of WIDE, MM 2026). ``beta`` is chosen on the validation split only (:func:`choose_beta`), from a grid,
-by the mean of Recall@1/5/10 (the training's selection metric); ties go to the smaller beta, the one
-closer to pure generation. Pure functions over arrays.
+the candidates are the beam's, plus (``evaluate.fusion.dense_candidates`` = k > 0) each query's dense top-k
+images that the beam missed (:func:`widen`; their log-probability is the model's own, teacher-forced:
+:func:`avg.decode.sequence_scores`). Each gets ``log p(identifier | query) + beta * <query, image>`` in the
+features step's space (the hybrid rerank of WIDE, MM 2026). With the dense top-k among the candidates a
+large beta ranks as dense does, so the grid holds dense itself as one of its choices; with the beam's
+candidates only, an image the beam missed can never be found. ``beta`` is chosen on the validation split
+only (:func:`choose_beta`), from a grid, by the mean of Recall@1/5/10 (the training's selection metric);
+ties go to the smaller beta, the one closer to pure generation. Pure functions over arrays.
 """
 from __future__ import annotations
 
@@ -30,6 +33,21 @@ def fuse(candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, corpus: 
     fused = np.where(valid, np.asarray(logp, dtype=np.float64) + beta * sims, -np.inf)
     order = np.argsort(-fused, axis=1, kind="stable")
     return np.take_along_axis(candidates, order, 1), np.take_along_axis(fused, order, 1)
+
+
+def widen(candidates: np.ndarray, queries: np.ndarray, corpus: np.ndarray, k: int) -> np.ndarray:
+    """``candidates [n, W]`` (-1 pads) followed by each query's dense top-``k`` corpus rows not already among
+    them, best first: ``[n, W + k]``, -1 pads. ``k = 0`` returns the candidates as they are."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if k <= 0:
+        return candidates
+    top, _ = M.dense_topk(queries, corpus, min(k, len(corpus)))
+    out = np.full((len(candidates), candidates.shape[1] + k), -1, dtype=np.int64)
+    out[:, :candidates.shape[1]] = candidates
+    for i, (have, dense) in enumerate(zip(candidates, top)):
+        new = dense[~np.isin(dense, have)]
+        out[i, candidates.shape[1]:candidates.shape[1] + len(new)] = new
+    return out
 
 
 def choose_beta(candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, corpus: np.ndarray, gold: np.ndarray,

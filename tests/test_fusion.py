@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from avg import featurestore  # noqa: E402
-from avg.fusion import choose_beta, fuse  # noqa: E402
+from avg.fusion import choose_beta, fuse, widen  # noqa: E402
 
 
 def toy():
@@ -49,6 +49,51 @@ def test_choose_beta_takes_the_val_best_and_the_smaller_on_ties():
         choose_beta(cands, logp, q, corpus, gold, [])
 
 
+def test_widen_appends_the_dense_top_k_the_beam_missed_best_first():
+    cands, _, q, corpus = toy()
+    assert widen(cands, q, corpus, 0) is not None and np.array_equal(widen(cands, q, corpus, 0), cands)
+    wide = widen(cands, q, corpus, 3)
+    assert wide.shape == (2, 7) and np.array_equal(wide[:, :4], cands)
+    dense = np.argsort(-(q @ corpus.T), axis=1)[:, :3]
+    for row, have, top in zip(wide, cands, dense):
+        assert row[4:][row[4:] >= 0].tolist() == [c for c in top if c not in have]   # dense order, no repeats
+        assert len(set(row[row >= 0].tolist())) == (row >= 0).sum()
+    # query 0's dense top-1 (image 2) is in its beam already: only what was missing is added, the rest pads
+    assert (wide[0, 4:] == -1).sum() >= 1
+
+
+def test_sequence_scores_are_the_beams_own_scores_for_a_model_and_an_ensemble(tmp_path):
+    """Teacher-forced scores of the beam's own identifiers equal the beam search's scores, so a widened
+    candidate is scored on the same scale as the beam's; rows of -1 score -inf."""
+    import torch
+
+    from avg.decode import Ensemble, retrieve, sequence_scores, token_trie
+    from avg.generative_eval import load_corpus_identifiers
+    from avg.model import VokenModel
+    from avg.steps import train as train_step
+    from tests.test_training import nolog, step_cfg, write_synthetic
+
+    features, ids = write_synthetic(tmp_path)
+    models = []
+    for seed in (0, 1):
+        cfg = step_cfg(epochs=1)
+        cfg["seed"] = seed
+        train_step.run(cfg=cfg, log=nolog, run_id=f"train/{seed}", features=features, identifiers=ids, codebook=None,
+                       stage="generative", init_from=None, out=tmp_path / f"c{seed}", state_dir=None)
+        models.append(VokenModel.load(tmp_path / f"c{seed}"))
+    test = featurestore.load(features).split("test")
+    trie = token_trie(models[0], load_corpus_identifiers(ids, test.images["image"]), np.arange(len(test.images)))
+    caps = test.captions["caption"].astype(str).tolist()
+    for vm in (models[0], Ensemble(models)):
+        with torch.inference_mode():
+            res = retrieve(vm, caps, trie, num_beams=4, batch_size=3, queries=test.text)
+        tokens = np.where(res.values[..., None] >= 0, res.tokens, -1)
+        got = sequence_scores(vm, caps, tokens, test.text, batch_size=3)
+        ok = res.values >= 0
+        np.testing.assert_allclose(got[ok], res.scores[ok], rtol=1e-4, atol=1e-4)
+        assert np.isneginf(got[~ok]).all()
+
+
 def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path):
     from avg.generative_eval import evaluate_generative
     from avg.steps import evaluate as step
@@ -62,7 +107,7 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
     cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 3, "batch_size": 4,
            "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
                           "decoder": "fast"},
-           "fusion": {"betas": [0, 1, 10, 100]}}
+           "fusion": {"betas": [0, 1, 10, 100], "dense_candidates": 0}}
     ev = tmp_path / "eval"
     step.run(cfg={k: v for k, v in cfg.items() if k != "fusion"}, log=nolog, run_id="evaluate/1", features=features,
              out=ev, method="gen", checkpoint=tmp_path / "ckpt", identifiers=ids, rerank=None, fusion=None)
@@ -84,6 +129,21 @@ def test_evaluate_step_fuses_a_trained_methods_beams_with_beta_from_val(tmp_path
     names = test.images["image"].to_numpy()
     assert got["ranked"].tolist() == [[names[r] for r in row if r >= 0] for row in want]
     assert m["latency_ms"] > 0 and m["qps"] > 0
+    assert fu["dense_candidates"] == 0 and "only" in fu["candidates"]
+    # + the dense top-k: an image outside the beam can be found; at a beta large enough to be dense's order
+    # the fused top 1 is dense's top 1 for every caption, whatever the beam held
+    # a beam of 2, so the beam misses images
+    narrow = {**cfg, "generative": {**cfg["generative"], "num_beams": 2}}
+    step.run(cfg={k: v for k, v in narrow.items() if k != "fusion"}, log=nolog, run_id="evaluate/3", features=features,
+             out=ev, method="gen2", checkpoint=tmp_path / "ckpt", identifiers=ids, rerank=None, fusion=None)
+    src_sets = [set(r) for r in ranking_files.read(ev / "gen2.rankings.jsonl")["ranked"].tolist()]
+    dense_top = np.argsort(-(test.text @ test.image.T), axis=1)
+    wide = step.run(cfg={**narrow, "fusion": {"betas": [1e6], "dense_candidates": 3}}, log=nolog, run_id="evaluate/4",
+                    **{**args, "method": "gen2-fu3", "fusion": ev / "gen2.json"})
+    got3 = ranking_files.read(ev / "gen2-fu3.rankings.jsonl")["ranked"].tolist()
+    assert [row[0] for row in got3] == names[dense_top[:, 0]].tolist()
+    assert max(len(r) for r in got3) > 2 and any(n not in have for row, have in zip(got3, src_sets) for n in row)
+    assert wide["fusion"]["dense_candidates"] == 3 and "dense top-3" in wide["fusion"]["candidates"]
     # bad input: a clear message
     with pytest.raises(UserError, match="pass its --checkpoint"):
         step.run(cfg=cfg, log=nolog, run_id="x", **{**args, "checkpoint": None})
@@ -116,7 +176,7 @@ def test_an_ensemble_recipe_decodes_its_members_as_one_and_its_fusion_takes_them
         ckpts.append(tmp_path / f"ckpt{seed}")
     cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 2, "batch_size": 4,
            "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
-                          "decoder": "fast"}, "fusion": {"betas": [0, 1, 10]}}
+                          "decoder": "fast"}, "fusion": {"betas": [0, 1, 10], "dense_candidates": 0}}
     ev = tmp_path / "eval"
     common = dict(features=features, out=ev, identifiers=ids, rerank=None)
     m = step.run(cfg=cfg, log=nolog, run_id="evaluate/1", method="x2", checkpoint=ckpts, fusion=None, **common)

@@ -10,8 +10,8 @@ several checkpoints (an ``ensemble`` recipe's members) are decoded as one model 
 ``--rerank <eval json of a generative method>`` reorders that method's top ``evaluate.rerank.depth``
 images by the feature inner product (:mod:`avg.rerank`); its latency is the generative method's plus the
 rerank's, measured here. ``--fusion <eval json of a trained method>`` (with that method's ``--checkpoint``
-and ``--identifiers``) ranks its beams by log-probability + beta * the inner product (:mod:`avg.fusion`),
-beta chosen on the VAL split by decoding the val captions with the checkpoint (never on test). Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
+and ``--identifiers``) ranks its beams, and the dense top ``evaluate.fusion.dense_candidates`` the beam missed, by
+log-probability + beta * the inner product (:mod:`avg.fusion`), beta chosen on the VAL split by decoding the val captions with the checkpoint (never on test). Writes ``<out>/<method>.json`` (Recall@K, median rank, latency, QPS) and
 ``<method>.rankings.jsonl`` (:mod:`avg.rankings`).
 """
 from __future__ import annotations
@@ -168,12 +168,18 @@ def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: feat
         raise UserError("--fusion chooses beta on the val split, which has no captions")
     vm = load_decoder(checkpoint)
     beams = int(source.get("num_beams") or cfg["generative"]["num_beams"])
-    trie = token_trie(vm, load_corpus_identifiers(identifiers, val.images["image"]), np.arange(len(val.images)))
+    k, batch = int(cfg["fusion"]["dense_candidates"]), cfg["generative"]["batch_size"]
+    val_codes = load_corpus_identifiers(identifiers, val.images["image"])
+    trie = token_trie(vm, val_codes, np.arange(len(val.images)))
+    val_caps = val.captions["caption"].astype(str).tolist()
     with torch.inference_mode():
-        res = retrieve(vm, val.captions["caption"].astype(str).tolist(), trie, num_beams=beams,
-                       batch_size=cfg["generative"]["batch_size"], queries=val.text)
+        res = retrieve(vm, val_caps, trie, num_beams=beams, batch_size=batch, queries=val.text)
     val_logp = np.where(res.values >= 0, res.scores, -np.inf)
-    beta, grid = fusion.choose_beta(res.values, val_logp, val.text, val.image, val.captions["image_index"].to_numpy(),
+    # the same widening on both sides: val chooses beta over the candidates test is ranked over
+    val_cand, val_logp = widened(vm, res.values, val_logp, val, val_codes, val_caps, k, batch)
+    candidates, logp = widened(vm, candidates, logp, test, load_corpus_identifiers(identifiers, test.images["image"]),
+                               test.captions["caption"].astype(str).tolist(), k, batch)
+    beta, grid = fusion.choose_beta(val_cand, val_logp, val.text, val.image, val.captions["image_index"].to_numpy(),
                                     cfg["fusion"]["betas"], cfg["ks"])
     logger.info("fusion: beta %.3g chosen on val (%d captions) from %s", beta, len(val.captions),
                 {g["beta"]: round(g["selection"], 4) for g in grid})
@@ -186,12 +192,31 @@ def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: feat
     metrics.update({
         **chained_timing(source, fu),
         "fusion": {"from": source.get("method"), "from_json": str(source_json), "beta": beta, "chosen_on": "val",
-                   "val_grid": grid, "n_val_queries": int(len(val.captions)),
+                   "val_grid": grid, "n_val_queries": int(len(val.captions)), "dense_candidates": k,
+                   "candidates": f"the beam's {beams}" + (f" + the dense top-{k} the beam missed (log-probability teacher-forced)"
+                                                          if k else " only"),
                    "score": "beam log-probability + beta * inner product of the caption and image features",
                    "source_recall": {k: source.get(k) for k in source if k.startswith("recall@")},
                    "fusion_latency_ms": fu["latency_ms"], "source_latency_ms": source.get("latency_ms")},
         "source_sacred_run_id": source.get("sacred_run_id")})
     return metrics, rankings, scores
+
+
+def widened(vm, candidates: np.ndarray, logp: np.ndarray, part: featurestore.Features, codes: np.ndarray,
+             captions: list[str], k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A beam's candidates and log-probabilities plus each caption's dense top-``k`` the beam missed
+    (:func:`avg.fusion.widen`), those scored by the model itself (:func:`avg.decode.sequence_scores`).
+    ``codes``: identifier codes of ``part``'s corpus rows."""
+    from avg import fusion
+    from avg.decode import sequence_scores
+
+    wide = fusion.widen(candidates, part.text, part.image, k)
+    extra = wide[:, candidates.shape[1]:]
+    if extra.shape[1] == 0:
+        return wide, logp
+    tokens = vm.spec.codes_to_tokens(codes)[np.maximum(extra, 0)]
+    tokens = np.where(extra[..., None] >= 0, tokens, -1)
+    return wide, np.concatenate([logp, sequence_scores(vm, captions, tokens, part.text, batch_size)], axis=1)
 
 
 def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
