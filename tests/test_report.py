@@ -589,10 +589,17 @@ def test_every_row_says_what_it_learned_from_and_whether_a_dense_score_ranked_it
     assert got["dense"] == ("train captions (features step)", "dense score")
     assert got["avg-disc"] == ("train captions + corpus images (indexing) + pseudo-queries",
                                "generative (no dense score); reads caption + query embedding")
-    assert got["avg-gen"][1].startswith("generative + 5.00 x dense score (fusion, beta on val)")
+    assert got["avg-gen"][1].startswith("generative + 5 x dense score over the beam (fusion, beta on val)")
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
     assert metrics["avg-gen"]["uses_dense_score"] and not metrics["avg-disc"]["uses_dense_score"]
     assert "beta = 5.00 chosen on val (16 captions)" in (out / "comparison.md").read_text()
+    # a widened fusion (evaluate.fusion.dense_candidates) says so in its label
+    doc["fusion"]["dense_candidates"] = 10
+    Path(path).write_text(json.dumps(doc))
+    out = run_report(fx)
+    header, rows = md_table((out / "comparison.md").read_text(), "Method | Identifier scheme")
+    label = next(r[header.index("Ranking (dense score?)")] for r in rows if r[0].strip("*").split(" [")[0] == "avg-gen")
+    assert label.startswith("generative + 5 x dense score over the beam + dense top-10 (fusion, beta on val)")
 
 
 def test_markdown_never_carries_a_captions_raw_html_and_code_spans_survive_backticks(tmp_path, fast_figures):

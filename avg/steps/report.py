@@ -256,7 +256,12 @@ def provenance(metrics: dict, stages: list[dict]) -> tuple[str, str, bool]:
                             any(isinstance(st.get("pseudo_queries"), dict) for st in stages))
     reads = READS.get(str((stages[-1] if stages else {}).get("reads") or "tokens"), "")
     if isinstance(metrics.get("fusion"), dict):
-        rank, dense = f"generative + {R.fmt_number(metrics['fusion'].get('beta'))} x dense score (fusion, beta on val)", True
+        fu = metrics["fusion"]
+        beta = fu.get("beta")
+        beta = f"{beta:g}" if isinstance(beta, (int, float)) else R.fmt_number(beta)
+        k = fu.get("dense_candidates") or 0      # evals made before the widening carry none: the beam's only
+        over = f"the beam + dense top-{k}" if k else "the beam"
+        rank, dense = f"generative + {beta} x dense score over {over} (fusion, beta on val)", True
     elif isinstance(metrics.get("rerank"), dict):
         rank, dense = f"generative, top {metrics['rerank'].get('depth')} reranked by dense score", True
     else:
