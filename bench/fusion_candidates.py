@@ -43,7 +43,7 @@ def side(vm, part, codes, beams: int, ks: list[int], batch: int) -> dict:
                        batch_size=batch, queries=part.text)
     logp = np.where(res.values >= 0, res.scores, -np.inf)
     # the widest k once; a smaller k is its prefix (widen appends the dense top-k best first)
-    wide, wide_logp = widened(vm, res.values, logp, part, codes, caps, max(ks), batch)
+    wide, wide_logp = widened(vm, res.values, logp, part.text, part.image, codes, caps, max(ks), batch)
     return {k: (wide[:, :beams + k], wide_logp[:, :beams + k]) for k in ks}
 
 

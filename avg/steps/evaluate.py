@@ -176,9 +176,11 @@ def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: feat
         res = retrieve(vm, val_caps, trie, num_beams=beams, batch_size=batch, queries=val.text)
     val_logp = np.where(res.values >= 0, res.scores, -np.inf)
     # the same widening on both sides: val chooses beta over the candidates test is ranked over
-    val_cand, val_logp = widened(vm, res.values, val_logp, val, val_codes, val_caps, k, batch)
-    candidates, logp = widened(vm, candidates, logp, test, load_corpus_identifiers(identifiers, test.images["image"]),
-                               test.captions["caption"].astype(str).tolist(), k, batch)
+    val_cand, val_logp = widened(vm, res.values, val_logp, val.text, val.image, val_codes, val_caps, k, batch)
+    test_codes = load_corpus_identifiers(identifiers, test.images["image"])
+    test_caps = test.captions["caption"].astype(str).tolist()
+    src_cand, src_logp = candidates, logp
+    candidates, logp = widened(vm, src_cand, src_logp, test.text, test.image, test_codes, test_caps, k, batch)
     beta, grid = fusion.choose_beta(val_cand, val_logp, val.text, val.image, val.captions["image_index"].to_numpy(),
                                     cfg["fusion"]["betas"], cfg["ks"])
     logger.info("fusion: beta %.3g chosen on val (%d captions) from %s", beta, len(val.captions),
@@ -186,9 +188,17 @@ def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: feat
     rankings, scores = fusion.fuse(candidates, logp, test.text, test.image, beta)
     metrics = retrieval_metrics(rankings, test.captions["image_index"].to_numpy(), cfg["ks"])
     idx = np.arange(len(test.text))
-    fu = time_queries(lambda rows: fusion.fuse(candidates[rows[:, 0]], logp[rows[:, 0]], test.text[rows[:, 0]],
-                                               test.image, beta),
-                      idx[:, None], cfg["latency_queries"], cfg["batch_size"])
+
+    def fuse_rows(rows: np.ndarray):
+        """What fusion adds per query after the source's beams: the widening (the model scoring the dense
+        top-k it missed, with its own caption encoding) and the fused sort."""
+        r = rows[:, 0]
+        with torch.inference_mode():
+            c, lp = widened(vm, src_cand[r], src_logp[r], test.text[r], test.image, test_codes,
+                            [test_caps[i] for i in r], k, batch)
+        return fusion.fuse(c, lp, test.text[r], test.image, beta)
+
+    fu = time_queries(fuse_rows, idx[:, None], cfg["latency_queries"], cfg["batch_size"])
     metrics.update({
         **chained_timing(source, fu),
         "fusion": {"from": source.get("method"), "from_json": str(source_json), "beta": beta, "chosen_on": "val",
@@ -202,21 +212,21 @@ def evaluate_fused(source_json: Path, checkpoint, identifiers: Path, store: feat
     return metrics, rankings, scores
 
 
-def widened(vm, candidates: np.ndarray, logp: np.ndarray, part: featurestore.Features, codes: np.ndarray,
+def widened(vm, candidates: np.ndarray, logp: np.ndarray, queries: np.ndarray, corpus: np.ndarray, codes: np.ndarray,
              captions: list[str], k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """A beam's candidates and log-probabilities plus each caption's dense top-``k`` the beam missed
     (:func:`avg.fusion.widen`), those scored by the model itself (:func:`avg.decode.sequence_scores`).
-    ``codes``: identifier codes of ``part``'s corpus rows."""
+    ``queries``: the captions' embeddings; ``corpus``: the images'; ``codes``: the images' identifier codes."""
     from avg import fusion
     from avg.decode import sequence_scores
 
-    wide = fusion.widen(candidates, part.text, part.image, k)
+    wide = fusion.widen(candidates, queries, corpus, k)
     extra = wide[:, candidates.shape[1]:]
     if extra.shape[1] == 0:
         return wide, logp
     tokens = vm.spec.codes_to_tokens(codes)[np.maximum(extra, 0)]
     tokens = np.where(extra[..., None] >= 0, tokens, -1)
-    return wide, np.concatenate([logp, sequence_scores(vm, captions, tokens, part.text, batch_size)], axis=1)
+    return wide, np.concatenate([logp, sequence_scores(vm, captions, tokens, queries, batch_size)], axis=1)
 
 
 def evaluate_reranked(source_json: Path, feats: featurestore.Features, cfg: dict) -> tuple[dict, np.ndarray, np.ndarray]:
