@@ -381,11 +381,7 @@ def sequence_scores(vm, captions: Sequence[str], tokens: np.ndarray, queries: np
                 mean = None
                 for m in members:
                     q = queries[rows] if queries is not None and m.reads_embedding else None
-                    hidden, mask = m.query_states(batch, q)
-                    flat = cand.to(m.device).reshape(-1, length)
-                    logits = m.token_logits({"attention_mask": mask.repeat_interleave(c, dim=0)}, flat,
-                                            BaseModelOutput(last_hidden_state=hidden.repeat_interleave(c, dim=0)))
-                    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                    logp = m.candidate_logprobs(None, cand.to(m.device), states=m.query_states(batch, q)).cpu()
                     mean = logp if mean is None else mean.add_(logp)
                 mean = torch.log_softmax(mean / len(members), dim=-1)
                 got = mean.gather(-1, cand.reshape(-1, length, 1)).squeeze(-1).sum(-1).view(-1, c).double()

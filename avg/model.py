@@ -252,17 +252,24 @@ class VokenModel:
                          decoder_input_ids=dec_in, use_cache=False, return_dict=True)
         return out.logits
 
-    def sequence_logprobs(self, enc: dict[str, torch.Tensor] | None, candidates: torch.Tensor,
-                          states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Sum of token log-probabilities (full-vocabulary softmax, as beam search scores them) of each
-        candidate identifier: ``candidates [b, c, L]`` → ``[b, c]``. One encoder pass per caption, or
+    def candidate_logprobs(self, enc: dict[str, torch.Tensor] | None, candidates: torch.Tensor,
+                           states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Teacher-forced full-vocabulary log-probabilities ``[b * c, L, vocab]`` at every position of each
+        candidate identifier ``candidates [b, c, L]`` (rows caption-major). One encoder pass per caption, or
         none when ``states`` (encoder states and mask, e.g. from an :class:`EncoderCache`) are given."""
         b, c, length = candidates.shape
         hidden, mask = states if states is not None else self.encode_states(enc)
         hidden = hidden.repeat_interleave(c, dim=0)
         expanded = {"attention_mask": mask.repeat_interleave(c, dim=0)}
         logits = self.token_logits(expanded, candidates.reshape(b * c, length), BaseModelOutput(last_hidden_state=hidden))
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, candidates.reshape(b * c, length, 1)).squeeze(-1)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def sequence_logprobs(self, enc: dict[str, torch.Tensor] | None, candidates: torch.Tensor,
+                          states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Sum of token log-probabilities (full-vocabulary softmax, as beam search scores them) of each
+        candidate identifier: ``candidates [b, c, L]`` → ``[b, c]`` (:meth:`candidate_logprobs`, gathered)."""
+        b, c, length = candidates.shape
+        logp = self.candidate_logprobs(enc, candidates, states).gather(-1, candidates.reshape(b * c, length, 1)).squeeze(-1)
         return logp.sum(-1).view(b, c)
 
     # -------------------------------------------------------------- persistence
