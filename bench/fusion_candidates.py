@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from avg import safe_io  # noqa: E402
-from recipe_sweep import features_dir, mean_std, params_slice, run_slug  # noqa: E402
+from recipe_sweep import features_dir, mean_std, params_slice, run_slug, save_result  # noqa: E402
 
 KS = (1, 5, 10)
 
@@ -70,10 +70,10 @@ def measure(ckpt: Path, identifiers: Path, features: Path, ks: list[int], betas:
     for k in ks:
         v, t = sides["val"][k], sides["test"][k]
         beta, grid = fusion.choose_beta(*v, parts["val"].text, parts["val"].image, gold["val"], betas, KS)
-        vm_ = next(g for g in grid if g["beta"] == beta)
+        chosen = next(g for g in grid if g["beta"] == beta)
         rk, _ = fusion.fuse(*t, parts["test"].text, parts["test"].image, beta)
         tm = M.retrieval_metrics(rk, gold["test"], KS)
-        rows.append({"k": k, "side": "val", "beta": beta, **{f"recall@{x}": vm_[f"recall@{x}"] for x in KS}})
+        rows.append({"k": k, "side": "val", "beta": beta, **{f"recall@{x}": chosen[f"recall@{x}"] for x in KS}})
         rows.append({"k": k, "side": "test", "beta": beta, **{f"recall@{x}": tm[f"recall@{x}"] for x in KS}})
     return rows
 
@@ -139,9 +139,7 @@ def main() -> None:
                   flush=True)
     result = {"tag": args.tag, "runs": args.run, "splits": args.splits, "dense": args.dense, "betas": betas,
               "beams": beams, "rows": rows, "seconds": round(time.time() - t0, 1)}
-    stem = args.out / ("fusion_candidates" + (f".{args.tag}" if args.tag else ""))
-    safe_io.write_json(stem.parent / f"{stem.name}.json", result)
-    safe_io.write_text(stem.parent / f"{stem.name}.md", table(result))
+    stem = save_result(args.out, "fusion_candidates", args.tag, result, table(result))
     print(f"wrote {stem}.md ({time.time() - t0:.0f} s)")
 
 

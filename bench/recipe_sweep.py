@@ -199,6 +199,14 @@ def mean_std(xs: list[float], scale: float = 100, decimals: int = 1) -> str:
     return fmt_mean_sd(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, decimals)
 
 
+def save_result(out: Path, name: str, tag: str, result: dict, markdown: str) -> Path:
+    """``<out>/<name>[.<tag>].{json,md}`` written atomically; returns the stem (without suffix)."""
+    stem = out / (f"{name}.{tag}" if tag else name)
+    safe_io.write_json(stem.parent / f"{stem.name}.json", result)
+    safe_io.write_text(stem.parent / f"{stem.name}.md", markdown)
+    return stem
+
+
 def write_report(result: dict, stem: Path) -> None:
     safe_io.write_json(stem.parent / f"{stem.name}.json", result)
     splits = result["splits"]

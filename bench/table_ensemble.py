@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from avg import safe_io  # noqa: E402
-from recipe_sweep import features_dir, mean_std, params_slice, run_slug  # noqa: E402
+from recipe_sweep import features_dir, mean_std, params_slice, run_slug, save_result  # noqa: E402
 
 KS = (1, 5, 10)
 
@@ -154,13 +154,11 @@ def main() -> None:
         print(f"split {s}: ensemble test R@1 {per[str(s)]['test']['ensemble']['recall@1']:.3f}, members "
               f"{[round(m['recall@1'], 3) for m in per[str(s)]['test']['members']]}, "
               f"dense {per[str(s)]['test']['dense']['recall@1']:.3f}", flush=True)
-    runs_json = safe_io.read_json(args.work / f"split{args.splits[0]}" / "ckpt" / run_slug(args.run[0]) / "train.json")
+    first = safe_io.read_json(args.work / f"split{args.splits[0]}" / "ckpt" / run_slug(args.run[0]) / "train.json")
     result = {"tag": args.tag, "runs": args.run, "splits": args.splits, "beams": ev["generative"]["num_beams"],
-              "fusion": ev["fusion"], "pq": bool(runs_json.get("pseudo_queries")), "per_split": per,
+              "fusion": ev["fusion"], "pq": bool(first.get("pseudo_queries")), "per_split": per,
               "seconds": round(time.time() - t0, 1)}
-    stem = args.out / ("table_ensemble" + (f".{args.tag}" if args.tag else ""))
-    safe_io.write_json(stem.parent / f"{stem.name}.json", result)
-    safe_io.write_text(stem.parent / f"{stem.name}.md", table(result))
+    stem = save_result(args.out, "table_ensemble", args.tag, result, table(result))
     print(f"wrote {stem}.md ({time.time() - t0:.0f} s)")
 
 

@@ -23,6 +23,21 @@ def toy():
     return cands, logp, queries, corpus
 
 
+def train_seeds(tmp_path, features, ids, epochs: int, prefix: str) -> list:
+    """Checkpoint folders of the synthetic generative model trained at train.seed 0 and 1."""
+    from avg.steps import train as train_step
+    from tests.test_training import nolog, step_cfg
+
+    out = []
+    for seed in (0, 1):
+        cfg = step_cfg(epochs=epochs)
+        cfg["seed"] = seed
+        train_step.run(cfg=cfg, log=nolog, run_id=f"train/{seed}", features=features, identifiers=ids, codebook=None,
+                       stage="generative", init_from=None, out=tmp_path / f"{prefix}{seed}", state_dir=None)
+        out.append(tmp_path / f"{prefix}{seed}")
+    return out
+
+
 def test_beta_zero_keeps_the_beam_and_a_large_beta_is_the_dense_order():
     cands, logp, q, corpus = toy()
     r0, s0 = fuse(cands, logp, q, corpus, 0.0)
@@ -70,17 +85,10 @@ def test_sequence_scores_are_the_beams_own_scores_for_a_model_and_an_ensemble(tm
     from avg.decode import Ensemble, retrieve, sequence_scores, token_trie
     from avg.generative_eval import load_corpus_identifiers
     from avg.model import VokenModel
-    from avg.steps import train as train_step
-    from tests.test_training import nolog, step_cfg, write_synthetic
+    from tests.test_training import write_synthetic
 
     features, ids = write_synthetic(tmp_path)
-    models = []
-    for seed in (0, 1):
-        cfg = step_cfg(epochs=1)
-        cfg["seed"] = seed
-        train_step.run(cfg=cfg, log=nolog, run_id=f"train/{seed}", features=features, identifiers=ids, codebook=None,
-                       stage="generative", init_from=None, out=tmp_path / f"c{seed}", state_dir=None)
-        models.append(VokenModel.load(tmp_path / f"c{seed}"))
+    models = [VokenModel.load(c) for c in train_seeds(tmp_path, features, ids, 1, "c")]
     test = featurestore.load(features).split("test")
     trie = token_trie(models[0], load_corpus_identifiers(ids, test.images["image"]), np.arange(len(test.images)))
     caps = test.captions["caption"].astype(str).tolist()
@@ -163,17 +171,10 @@ def test_an_ensemble_recipe_decodes_its_members_as_one_and_its_fusion_takes_them
     from avg.generative_eval import load_corpus_identifiers
     from avg.model import VokenModel
     from avg.steps import evaluate as step
-    from avg.steps import train as train_step
-    from tests.test_training import nolog, step_cfg, write_synthetic
+    from tests.test_training import nolog, write_synthetic
 
     features, ids = write_synthetic(tmp_path)
-    ckpts = []
-    for seed in (0, 1):
-        cfg = step_cfg(epochs=2)
-        cfg["seed"] = seed
-        train_step.run(cfg=cfg, log=nolog, run_id=f"train/{seed}", features=features, identifiers=ids, codebook=None,
-                       stage="generative", init_from=None, out=tmp_path / f"ckpt{seed}", state_dir=None)
-        ckpts.append(tmp_path / f"ckpt{seed}")
+    ckpts = train_seeds(tmp_path, features, ids, 2, "ckpt")
     cfg = {"split": "test", "ks": [1, 5], "depth": 20, "latency_queries": 2, "batch_size": 4,
            "generative": {"num_beams": 6, "batch_size": 4, "latency_queries": 2, "max_queries": None, "device": "cpu",
                           "decoder": "fast"}, "fusion": {"betas": [0, 1, 10], "dense_candidates": 0}}
